@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU stack opensloth is tested on, Unsloth included.
+#
+#   bash scripts/setup_env.sh            # full setup (idempotent, fast when done)
+#   OPENSLOTH_NO_UNSLOTH=1 bash scripts/setup_env.sh   # transformers + PEFT only
+#
+# torch: `pip install torch==2.13.0` picks the local CPU wheel on these
+# machines. On a CUDA machine install your CUDA torch first; this script keeps
+# an already-installed torch that satisfies the pin range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${OPENSLOTH_VENV:-.venv}
+STAMP="$VENV/.opensloth-setup-v1"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+
+if [ ! -f "$STAMP" ]; then
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    $PIP install "torch==2.13.0"
+  fi
+  $PIP install -r requirements/cpu.txt
+  if [ "${OPENSLOTH_NO_UNSLOTH:-0}" != "1" ]; then
+    $PIP install -r requirements/unsloth-runtime.txt
+    $PIP install --no-deps "unsloth==2026.10.9" "unsloth_zoo==2026.10.9" "cut_cross_entropy==25.1.1"
+  fi
+  touch "$STAMP"
+fi
+$PIP install --no-deps -e . 2>&1 | grep -v "^WARNING" || true
+"$VENV/bin/python" - <<'PYEOF'
+import importlib.util, torch
+print(f"[setup_env] torch {torch.__version__} (cuda={torch.cuda.is_available()}), "
+      f"unsloth={'yes' if importlib.util.find_spec('unsloth') else 'no'}")
+PYEOF

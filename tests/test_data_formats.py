@@ -1,0 +1,402 @@
+"""Data formats on the data the project ships: chat SFT, HH, judged rollouts, preference pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_DIR = os.path.join(ROOT, "data", "tiny-qwen3")
+SFT_DIR = os.path.join(ROOT, "data", "sft")
+PREF_TRAIN = os.path.join(ROOT, "data", "preference", "train.jsonl")
+HH_SAMPLE = os.path.join(ROOT, "data", "formats", "hh_sample.jsonl")
+JUDGED_SAMPLE = os.path.join(ROOT, "data", "formats", "judged_rollouts.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def _write(path, lines):
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+# ---- imports stay light ------------------------------------------------------
+
+
+def test_import_is_light():
+    code = (
+        "import sys, opensloth.data, opensloth.utils\n"
+        "heavy = [m for m in ('torch', 'datasets', 'trl', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---- sources -------------------------------------------------------------------
+
+
+def test_load_records_folder_with_split_slicing():
+    from opensloth.data import load_records
+
+    full = load_records(SFT_DIR, "train")
+    part = load_records(SFT_DIR, "train[:1%]")
+    assert len(part) == len(full) // 100
+    assert part[0] == full[0]
+    assert len(load_records(SFT_DIR, "test[10:20]")) == 10
+
+
+def test_load_records_json_parquet_and_save_to_disk(tmp_path):
+    from opensloth.data import load_records
+
+    ds = load_records(SFT_DIR, "test")
+    ds.to_parquet(str(tmp_path / "chat.parquet"))
+    ds.to_json(str(tmp_path / "chat.json"), lines=False)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert load_records(str(tmp_path / "chat.parquet"), "train[:5]")["messages"] == ds[:5]["messages"]
+    assert load_records(str(tmp_path / "chat.json"), "train")["messages"] == ds["messages"]
+    sliced = load_records(str(tmp_path / "saved"), "train[:10%]")
+    assert sliced["messages"] == ds[: len(ds) // 10]["messages"]
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    from opensloth.data import DatasetFormatError, load_records
+
+    path = _write(tmp_path / "bad.jsonl", ['{"text": "a"}', '{"text": "b"}', '{"text": "c"', '{"text": "d"}'])
+    with pytest.raises(DatasetFormatError) as err:
+        load_records(path)
+    assert f"{path}:3:" in str(err.value)
+    assert err.value.line == 3
+
+
+def test_missing_path_is_not_sent_to_the_hub(tmp_path):
+    from opensloth.data import DatasetSourceError, load_records
+
+    with pytest.raises(DatasetSourceError, match="does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.slow
+def test_hub_id_from_offline_datasets_cache(tmp_path):
+    """The hub-id branch, served offline from a datasets cache built from a local repo copy."""
+    import datasets
+
+    repo = tmp_path / "repo" / "tiny-chat" / "data"
+    repo.mkdir(parents=True)
+    lines = open(os.path.join(SFT_DIR, "test.jsonl"), encoding="utf-8").read().splitlines()
+    _write(repo / "train.jsonl", lines[:20])
+    cache = tmp_path / "cache"
+    datasets.load_dataset(str(repo.parent), cache_dir=str(cache))
+    os.rename(cache / "tiny-chat", cache / "opensloth___tiny-chat")  # as if downloaded from the hub
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    code = (
+        "from opensloth.data import load_records, DatasetSourceError\n"
+        "ds = load_records('opensloth/tiny-chat', 'train[:25%]')\n"
+        "print(len(ds), ds.column_names)\n"
+        "try:\n    load_records('opensloth/not-cached')\n"
+        "except DatasetSourceError as e:\n    print('ERR', 'HF_DATASETS_OFFLINE' in str(e))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "5 ['messages', 'source']" in out
+    assert "ERR True" in out
+
+
+# ---- chat ------------------------------------------------------------------
+
+
+def test_chat_text_mode_matches_chat_template(tokenizer):
+    from opensloth.data import load_records, prepare_chat_dataset
+
+    raw = load_records(SFT_DIR, "train[:40]")
+    out, report = prepare_chat_dataset(raw, tokenizer, mode="text", keep_columns=["source"])
+    assert report.total_in == 40 and report.total_out == 40
+    assert out.column_names == ["source", "text"]
+    for row, text in zip(raw, out["text"]):
+        assert text == tokenizer.apply_chat_template(row["messages"], tokenize=False)
+
+
+def _label_runs(labels):
+    runs, current = [], []
+    for tok in labels:
+        if tok == -100:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(tok)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def test_chat_tokens_assistant_only_labels_cover_exactly_the_replies(tokenizer):
+    from opensloth.data import load_records, prepare_chat_dataset
+
+    raw = load_records(SFT_DIR, "train[:30]")
+    out, report = prepare_chat_dataset(raw, tokenizer, mode="tokens", assistant_only=True)
+    assert report.total_out == 30 and report.truncated == 0
+    for row, ids, labels in zip(raw, out["input_ids"], out["labels"]):
+        assert len(ids) == len(labels)
+        assert all(lab in (-100, tok) for tok, lab in zip(ids, labels))
+        replies = [m["content"] + "<|im_end|>" for m in row["messages"] if m["role"] == "assistant"]
+        assert [tokenizer.decode(run) for run in _label_runs(labels)] == replies
+
+
+def test_chat_tokens_truncation_and_too_long_counts(tokenizer):
+    from opensloth.data import load_records, prepare_chat_dataset
+    from opensloth.data.chat import tokenize_messages
+
+    raw = load_records(SFT_DIR, "train[:60]")
+    limit = 40
+    out, report = prepare_chat_dataset(raw, tokenizer, mode="tokens", assistant_only=True, max_seq_length=limit)
+    # Brute force the expected counts from the untruncated tokenization.
+    expect_truncated = expect_too_long = 0
+    for row in raw:
+        labels = tokenize_messages(row["messages"], tokenizer, assistant_only=True)["labels"]
+        if len(labels) > limit:
+            if all(x == -100 for x in labels[:limit]):
+                expect_too_long += 1
+            else:
+                expect_truncated += 1
+    assert expect_too_long > 0 and expect_truncated > 0  # the limit exercises both paths
+    assert report.dropped.get("too_long", 0) == expect_too_long
+    assert report.truncated == expect_truncated
+    assert len(out) == 60 - expect_too_long
+    assert max(len(ids) for ids in out["input_ids"]) <= limit
+
+
+def test_chat_bad_structure_empty_and_errors(tokenizer):
+    import datasets
+
+    from opensloth.data import EmptyDatasetError, MissingColumnsError, prepare_chat_dataset
+
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ds = datasets.Dataset.from_list([
+        {"messages": ok},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": None, "content": "x"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]},
+        {"messages": []},
+    ])
+    out, report = prepare_chat_dataset(ds, tokenizer, mode="tokens")
+    assert len(out) == 1
+    assert report.dropped == {"bad_structure": 2, "empty": 3}
+    assert report.examples["bad_structure"] == [1, 2]
+
+    with pytest.raises(MissingColumnsError) as err:
+        prepare_chat_dataset(ds.rename_column("messages", "turns"), tokenizer)
+    assert "['messages']" in str(err.value) and "['turns']" in str(err.value)
+
+    with pytest.raises(EmptyDatasetError, match="empty after filtering"):
+        prepare_chat_dataset(ds.select([3, 4, 5]), tokenizer)
+
+
+def test_chat_sharegpt_conversations(tokenizer):
+    import datasets
+
+    from opensloth.data import prepare_chat_dataset
+
+    ds = datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    out, _ = prepare_chat_dataset(ds, tokenizer, mode="text")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert out["text"] == [tokenizer.apply_chat_template(messages, tokenize=False)]
+
+
+def test_assistant_only_needs_generation_markers(tokenizer):
+    import copy
+
+    import datasets
+
+    from opensloth.data import prepare_chat_dataset
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(ValueError, match="generation"):
+        prepare_chat_dataset(ds, plain, mode="tokens", assistant_only=True)
+
+
+# ---- Anthropic HH ----------------------------------------------------------------
+
+
+def test_hh_sample_file():
+    from opensloth.data import load_preference_dataset
+
+    ds, report = load_preference_dataset(HH_SAMPLE)
+    assert (report.total_in, report.total_out) == (44, 41)
+    assert report.dropped == {"identical_texts": 1, "empty": 1, "bad_structure": 1}
+    originals = [json.loads(line) for line in open(HH_SAMPLE, encoding="utf-8")]
+    kept = [r for i, r in enumerate(originals) if i not in (41, 42, 43)]
+    for row, original in zip(ds, kept):
+        assert row["prompt"].endswith("\n\nAssistant:")
+        assert row["prompt"] + row["chosen"] == original["chosen"]
+        assert row["prompt"] + row["rejected"] == original["rejected"]
+
+
+def test_hh_prompt_quoted_inside_reply_stays_intact():
+    from opensloth.data import load_preference_dataset
+
+    ds, _ = load_preference_dataset(HH_SAMPLE)
+    quoting = ds[40]  # line 41 of the sample: the reply quotes the whole prompt
+    assert quoting["chosen"].startswith(" You wrote:" + quoting["prompt"])
+    # str.replace(prompt, "") would have removed the quote too.
+    assert quoting["chosen"].count(quoting["prompt"]) == 1
+
+
+def test_hh_split_cases():
+    from opensloth.data.hh import split_hh_pair, transcript_to_messages
+
+    p = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    # Replies that start alike: the shared start stays in the replies.
+    assert split_hh_pair(p + " Sure, 1", p + " Sure, 2") == (p, " Sure, 1", " Sure, 2")
+    # Earlier turns differ: the prompt is the part before the first difference.
+    prompt, chosen, _ = split_hh_pair("\n\nHuman: x\n\nAssistant: y\n\nHuman: z", "\n\nHuman: x\n\nAssistant: q")
+    assert prompt == "\n\nHuman: x\n\nAssistant:" and chosen == " y\n\nHuman: z"
+    with pytest.raises(ValueError):
+        split_hh_pair("Human: a", "Human: b")
+    assert transcript_to_messages(p) == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+    ]
+
+
+def test_hh_missing_columns():
+    import datasets
+
+    from opensloth.data import MissingColumnsError
+    from opensloth.data.hh import build_hh_dataset
+
+    with pytest.raises(MissingColumnsError, match=r"found \['chosen', 'other'\]"):
+        build_hh_dataset(datasets.Dataset.from_list([{"chosen": "x", "other": "y"}]))
+
+
+# ---- judged rollouts -------------------------------------------------------------
+
+
+def test_judged_sample_file():
+    from opensloth.data import load_preference_dataset
+    from opensloth.data.sources import read_jsonl
+
+    ds, report = load_preference_dataset(JUDGED_SAMPLE)
+    assert (report.total_in, report.total_out) == (40, 30)
+    assert report.dropped == {"tie": 4, "single_candidate": 4, "identical_texts": 2}
+    by_id = {rec["id"]: rec for _, rec in read_jsonl(JUDGED_SAMPLE)}
+    for row in ds:
+        scores = [c["score"] for c in by_id[row["id"]]["candidates"]]
+        assert row["chosen_score"] == max(scores) > row["rejected_score"] == min(scores)
+
+
+@pytest.mark.parametrize("score", ['"high"', "null", "true", "NaN", "[1]"])
+def test_judged_non_numeric_score_names_file_and_line(tmp_path, score):
+    from opensloth.data import DatasetFormatError
+    from opensloth.data.judged import build_judged_dataset
+
+    good = json.dumps({"prompt": "p", "candidates": [{"text": "a", "score": 1}, {"text": "b", "score": 0.5}]})
+    bad = '{"prompt": "q", "candidates": [{"text": "a", "score": 1}, {"text": "b", "score": %s}]}' % score
+    path = _write(tmp_path / "judged.jsonl", [good, good, bad])
+    with pytest.raises(DatasetFormatError) as err:
+        build_judged_dataset(path)
+    assert f"{path}:3:" in str(err.value) and "candidate 1" in str(err.value) and "non-numeric" in str(err.value)
+
+
+def test_judged_schema_errors(tmp_path):
+    from opensloth.data import DatasetFormatError
+    from opensloth.data.judged import build_judged_dataset
+
+    path = _write(tmp_path / "j.jsonl", ['{"prompt": "p", "responses": []}'])
+    with pytest.raises(DatasetFormatError, match=r":1: judged record needs keys \['prompt', 'candidates'\]"):
+        build_judged_dataset(path)
+    path = _write(tmp_path / "k.jsonl", ['{"prompt": "p", "candidates": [{"text": "a"}]}'])
+    with pytest.raises(DatasetFormatError, match="candidate 0 needs keys"):
+        build_judged_dataset(path)
+
+
+def test_judged_best_vs_worst_and_skips():
+    from opensloth.data.judged import judged_record_to_pair
+
+    rec = {"prompt": "p", "candidates": [{"text": "a", "score": 0.2}, {"text": "b", "score": 0.9},
+                                          {"text": "c", "score": 0.9}, {"text": "d", "score": 0.1}]}
+    pair, reason = judged_record_to_pair(rec)
+    assert reason is None and (pair["chosen"], pair["rejected"]) == ("b", "d")
+    assert judged_record_to_pair({"prompt": "p", "candidates": [{"text": "a", "score": 1}]}) == (None, "single_candidate")
+    tie = {"prompt": "p", "candidates": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]}
+    assert judged_record_to_pair(tie) == (None, "tie")
+
+
+# ---- preference pairs and clamping ---------------------------------------------------
+
+
+def test_clamp_invariants_random():
+    from opensloth.data.preference import clamp_preference_record
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        max_length = rng.randint(2, 64)
+        mpl = rng.choice([None, rng.randint(1, 64)])
+        min_prompt = rng.randint(0, 20)
+        p = list(range(1000, 1000 + rng.randint(0, 80)))
+        c = list(range(rng.randint(0, 80)))
+        r = list(range(500, 500 + rng.randint(0, 80)))
+        out = clamp_preference_record(p, c, r, max_length, mpl, min_prompt)
+        assert len(out.prompt_ids) + len(out.chosen_ids) <= max_length
+        assert len(out.prompt_ids) + len(out.rejected_ids) <= max_length
+        capped = p if mpl is None else p[-mpl:] if mpl < len(p) else p
+        assert out.prompt_ids == capped[len(capped) - len(out.prompt_ids):]  # a suffix: cut from the left
+        assert out.chosen_ids == c[: len(out.chosen_ids)] and out.rejected_ids == r[: len(out.rejected_ids)]
+        longest = max(len(c), len(r))
+        if longest + min(len(capped), min_prompt, max_length - 1) <= max_length:
+            # The completions fit next to the protected part of the prompt: they stay whole
+            # and the prompt keeps all the room they leave.
+            assert (out.chosen_ids, out.rejected_ids) == (c, r) and not out.completion_truncated
+            assert len(out.prompt_ids) == min(len(capped), max_length - longest)
+        assert out.prompt_truncated == (len(out.prompt_ids) < len(p))
+
+
+def test_clamp_rejects_bad_budgets():
+    from opensloth.data.preference import clamp_preference_record
+
+    with pytest.raises(ValueError, match="max_length"):
+        clamp_preference_record([1], [2], [3], max_length=1)
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        clamp_preference_record([1], [2], [3], max_length=8, max_prompt_length=0)
+
+
+def test_tokenize_preference_dataset_reports_truncation(tokenizer):
+    from opensloth.data import load_preference_dataset, tokenize_preference_dataset
+
+    pairs, _ = load_preference_dataset(PREF_TRAIN, "train[:60]")
+    out, report = tokenize_preference_dataset(pairs, tokenizer, max_length=64, max_prompt_length=32)
+    lengths = [(len(p) + len(c), len(p) + len(r)) for p, c, r in zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])]
+    assert max(max(pair) for pair in lengths) <= 64
+    assert 0 < report.truncated < 60
+    first = out[0]
+    assert tokenizer.decode(first["chosen_ids"]).endswith("<|im_end|>")
+    assert tokenizer.decode(first["prompt_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_preference_pairs_missing_columns_and_empty(tmp_path):
+    from opensloth.data import EmptyDatasetError, MissingColumnsError, load_preference_dataset
+
+    path = _write(tmp_path / "p.jsonl", ['{"question": "q", "answer": "a"}'])
+    with pytest.raises(MissingColumnsError) as err:
+        load_preference_dataset(path)
+    assert "['prompt', 'chosen', 'rejected']" in str(err.value) and "['question', 'answer']" in str(err.value)
+    path = _write(tmp_path / "e.jsonl", ['{"prompt": "q", "chosen": "a", "rejected": "a"}'])
+    with pytest.raises(EmptyDatasetError, match="identical_texts"):
+        load_preference_dataset(path)
+
+
+def test_sample_files_are_current():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_format_samples.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
