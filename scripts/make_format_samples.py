@@ -72,24 +72,31 @@ def hh_records(rng: random.Random) -> list[dict]:
 
 
 def judged_records(rng: random.Random) -> list[dict]:
+    """Every tenth prompt from the 3rd on is a tie, from the 5th on has identical best/worst texts, from the
+    7th on has a single candidate; the others hold a correct and a wrong reply plus random extras, so the
+    counts do not depend on the random draws."""
     records = []
     for i in range(N_JUDGED):
         task = _small_task(rng)
-        if i % 10 == 7:
-            k = 1  # single candidate: skipped
+        wrong = synthetic.make_wrong_response(rng, task)
+        judge = "synthetic.check_answer"
+        if i % 10 == 7:  # single candidate: skipped
+            candidates = [{"text": task.response, "score": 1.0, "judge": judge}]
+        elif i % 10 == 3:  # a tie: the judge gives every candidate the same score
+            candidates = [{"text": task.response, "score": 0.5, "judge": judge},
+                          {"text": wrong, "score": 0.5, "judge": judge}]
+        elif i % 10 == 5:  # the same text sampled twice, scored differently (a noisy judge)
+            candidates = [{"text": task.response, "score": 0.9, "judge": judge},
+                          {"text": task.response, "score": 0.7, "judge": judge}]
         else:
-            k = rng.choice((2, 3, 4))
-        candidates = []
-        for _ in range(k):
-            text = task.response if rng.random() < 0.5 else synthetic.make_wrong_response(rng, task)
-            correct = synthetic.check_answer(task, None, text)
-            score = 1.0 if correct else round(rng.uniform(0.0, 0.4), 3)
-            candidates.append({"text": text, "score": score, "judge": "synthetic.check_answer"})
-        if i % 10 == 3:  # a tie: every candidate gets the same score
-            for cand in candidates:
-                cand["score"] = 0.5
-            if len(candidates) < 2:
-                candidates.append({"text": task.response, "score": 0.5, "judge": "synthetic.check_answer"})
+            candidates = [{"text": task.response, "score": 1.0, "judge": judge},
+                          {"text": wrong, "score": round(rng.uniform(0.0, 0.4), 3), "judge": judge}]
+            for _ in range(rng.choice((0, 1, 2))):
+                text = task.response if rng.random() < 0.5 else synthetic.make_wrong_response(rng, task)
+                correct = synthetic.check_answer(task, None, text)
+                candidates.append({"text": text, "score": 1.0 if correct else round(rng.uniform(0.0, 0.4), 3),
+                                   "judge": judge})
+            rng.shuffle(candidates)
         records.append({"id": f"{task.kind}-{i:04d}", "prompt": task.prompt, "candidates": candidates})
     return records
 

@@ -12,8 +12,9 @@ Files (one JSON object per line, keys sorted, ASCII only):
   with one slip and a wrong final answer.
 
 All text comes from ``opensloth.data.synthetic`` with fixed seeds, so reruns
-write byte-identical files. Test records whose (first) prompt also occurs in
-the train split are skipped. Generation does not need the model; the length
+write byte-identical files. Test records with any user prompt that also
+occurs in the train split are skipped, and so are records whose first prompt
+repeats one of the same split (tiny prompts such as "What is 3 + 4?" recur). Generation does not need the model; the length
 summary printed at the end counts tokens with the tokenizer of
 ``data/tiny-qwen3`` (built by ``scripts/build_tiny_model.py``) and is skipped
 with a note when that folder is missing.
@@ -31,22 +32,27 @@ SFT_SEEDS = {"train": 1001, "test": 1002}
 PREFERENCE_SEEDS = {"train": 2001, "test": 2002}
 
 
-def _first_prompt(record: dict) -> str:
+def user_prompts(record: dict) -> list[str]:
+    """The user messages of a record (the ``prompt`` of a preference pair)."""
     if "prompt" in record:
-        return record["prompt"]
-    return next(m["content"] for m in record["messages"] if m["role"] == "user")
+        return [record["prompt"]]
+    return [m["content"] for m in record["messages"] if m["role"] == "user"]
 
 
 def generate_split(make, seed: int, n: int, exclude: set[str] | None = None) -> list[dict]:
-    """``n`` records from ``make(rng)`` seeded with ``seed``, skipping prompts in ``exclude``."""
+    """``n`` records from ``make(rng)`` seeded with ``seed``.
+
+    Skips a record whose first prompt repeats an earlier record's, or any of
+    whose prompts is in ``exclude`` (the train prompts, for a test split).
+    """
     rng = random.Random(seed)
-    records, seen = [], set(exclude or ())
+    records, seen, exclude = [], set(), exclude or set()
     while len(records) < n:
         record = make(rng)
-        key = _first_prompt(record)
-        if key in seen:
+        prompts = user_prompts(record)
+        if prompts[0] in seen or any(p in exclude for p in prompts):
             continue
-        seen.add(key)
+        seen.add(prompts[0])
         records.append(record)
     return records
 
@@ -93,10 +99,10 @@ def main() -> None:
 
     sft_train = generate_split(make_conversation, SFT_SEEDS["train"], args.sft_train)
     sft_test = generate_split(make_conversation, SFT_SEEDS["test"], args.sft_test,
-                              exclude={_first_prompt(r) for r in sft_train})
+                              exclude={p for r in sft_train for p in user_prompts(r)})
     pref_train = generate_split(make_preference_pair, PREFERENCE_SEEDS["train"], args.pref_train)
     pref_test = generate_split(make_preference_pair, PREFERENCE_SEEDS["test"], args.pref_test,
-                               exclude={_first_prompt(r) for r in pref_train})
+                               exclude={r["prompt"] for r in pref_train})
 
     outputs = {
         "sft/train.jsonl": sft_train,

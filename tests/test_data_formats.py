@@ -288,8 +288,10 @@ def test_judged_sample_file():
     from opensloth.data.sources import read_jsonl
 
     ds, report = load_preference_dataset(JUDGED_SAMPLE)
-    assert (report.total_in, report.total_out) == (40, 30)
-    assert report.dropped == {"tie": 4, "single_candidate": 4, "identical_texts": 2}
+    assert (report.total_in, report.total_out) == (40, 28)
+    assert report.dropped == {"tie": 4, "single_candidate": 4, "identical_texts": 4}
+    # positions are line numbers for a JSONL file
+    assert report.examples["tie"] == [4, 14, 24, 34] and report.examples["single_candidate"] == [8, 18, 28, 38]
     by_id = {rec["id"]: rec for _, rec in read_jsonl(JUDGED_SAMPLE)}
     for row in ds:
         scores = [c["score"] for c in by_id[row["id"]]["candidates"]]
@@ -379,8 +381,10 @@ def test_tokenize_preference_dataset_reports_truncation(tokenizer):
     lengths = [(len(p) + len(c), len(p) + len(r)) for p, c, r in zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])]
     assert max(max(pair) for pair in lengths) <= 64
     assert 0 < report.truncated < 60
-    first = out[0]
-    assert tokenizer.decode(first["chosen_ids"]).endswith("<|im_end|>")
+    whole, report = tokenize_preference_dataset(pairs.select(range(3)), tokenizer, max_length=4096)
+    assert report.truncated == 0
+    first = whole[0]
+    assert tokenizer.decode(first["chosen_ids"]) == pairs[0]["chosen"] + "<|im_end|>"
     assert tokenizer.decode(first["prompt_ids"]).endswith("<|im_start|>assistant\n")
 
 

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=3407, help="seed for LoRA init and data order (same on all ranks)")
     p.add_argument("--no_patches", action="store_true",
                    help="disable the optional speed patches (batch repacking / cross-rank balancing)")
+    p.add_argument("--packing_layout", choices=("auto", "varlen", "rows4d", "padded"), default="auto",
+                   help="micro-batch layout of the batch patch: padding-free varlen rows, packed rows with a "
+                        "4D block mask, or padded rows (auto picks for the attention backend)")
+    p.add_argument("--debug_dataloader", action="store_true",
+                   help="write an HTML preview of the first batches (trained/masked tokens, boundaries) to .log/")
     p.add_argument("--experiment_name", default="sft", help="run name; the run dir is <output_dir>/<name>_ws<N>")
     p.add_argument("--output_dir", default="outputs", help="parent folder of run directories")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights dtype; auto = Unsloth's choice (bf16 on CPU) or float32 for hf")
     p.add_argument("--load_in_4bit", action="store_true", help="4-bit base weights (needs bitsandbytes and CUDA)")
+    p.add_argument("--assistant_only_loss", action="store_true",
+                   help="train only on assistant turns (needs {%% generation %%} markers in the chat template)")
     p.add_argument("--no_gradient_checkpointing", action="store_true", help="turn gradient checkpointing off")
     p.add_argument("--skip_prepare", action="store_true",
                    help="train from a tokenized dataset written by precompute_dataset.py")
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_patches:
         from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
 
-        patch_optimize_sft_trainer_batch_samples()
+        patch_optimize_sft_trainer_batch_samples(layout=args.packing_layout)
 
     from opensloth.log import log_rank0
     from opensloth.patching import applied_patches
@@ -139,10 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     # --- data ---
     from opensloth.sft import SFTRunSettings, build_sft_trainer, load_sft_splits
 
-    train_ds, val_ds = load_sft_splits(
-        args.dataset, tokenizer, train_split=args.train_split, test_split=args.test_split,
-        train_samples=args.train_samples, test_samples=args.test_samples,
-    )
+    if args.skip_prepare:  # tokenized by train_scripts/precompute_dataset.py; checked against this tokenizer
+        from opensloth.utils.dataset_cache import load_prepared_dataset
+
+        train_ds, val_ds = load_prepared_dataset(args.prepared_dataset_path, tokenizer,
+                                                 max_seq_length=args.max_seq_length)
+        if args.train_samples is not None:
+            train_ds = train_ds.select(range(min(args.train_samples, len(train_ds))))
+        val_ds = (val_ds.select(range(min(args.test_samples, len(val_ds))))
+                  if val_ds is not None and args.test_samples else None)
+    else:
+        train_ds, val_ds = load_sft_splits(
+            args.dataset, tokenizer, train_split=args.train_split, test_split=args.test_split,
+            train_samples=args.train_samples, test_samples=args.test_samples,
+        )
 
     # --- trainer ---
     settings = SFTRunSettings(
@@ -152,9 +169,23 @@ def main(argv: list[str] | None = None) -> None:
         save_steps=args.save_steps, seed=args.seed, max_seq_length=args.max_seq_length,
         backend=backend, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         gradient_checkpointing=not args.no_gradient_checkpointing,
+        assistant_only_loss=args.assistant_only_loss,
     )
-    trainer = build_sft_trainer(model, tokenizer, train_ds, val_ds, env.world_size, settings)
+    factory = build_sft_trainer
+    if args.cache_dir and not args.skip_prepare:
+        # One rank tokenizes; the others (and later launches) load the result.
+        from opensloth.utils import simple_cache_dataset_wrapper
+
+        factory = simple_cache_dataset_wrapper(
+            cache_dir=args.cache_dir, max_seq_length=args.max_seq_length, packing=False,
+            assistant_only_loss=args.assistant_only_loss,
+        )(build_sft_trainer)
+    trainer = factory(model, tokenizer, train_ds, val_ds, env.world_size, settings)
     log_rank0("applied patches:\n  " + "\n  ".join(str(p) for p in applied_patches()))
+    if args.debug_dataloader and env.is_main:
+        from opensloth._debug_dataloader import debug_chat_dataloader_for_training
+
+        log_rank0(f"dataloader preview: {debug_chat_dataloader_for_training(trainer, tokenizer)}")
 
     # --- train and save ---
     start = time.perf_counter()

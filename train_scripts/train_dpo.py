@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> None:
                                  has_eval=val_ds is not None)
     trainer_cls = dpo_trainer_class(dynamic=dynamic, backend=backend)
     trainer = build_dpo_trainer(trainer_cls, model, tokenizer, train_ds, val_ds, dpo_config,
-                                left_truncate=not settings.no_patches)
-    if not settings.no_patches:
+                                left_truncate_to=None if settings.no_patches else settings.max_seq_length)
+    if settings.no_patches:
+        log_rank0("--no_patches: TRL's own truncation (keep_start) and its 'ref' adapter copy are in use")
+    else:
         use_base_model_as_reference(trainer)
-    cut = count_prompt_truncations(trainer.train_dataset, settings.max_seq_length)
-    log_rank0(f"{cut['prompt_truncated']} of {cut['pairs']} training pairs have prompts cut from the left to fit "
-              f"max_seq_length={settings.max_seq_length}; {cut['completion_truncated']} have a completion longer "
-              f"than that (cut from the right); longest pair {cut['max_pair_length']} tokens")
+        cut = count_prompt_truncations(trainer.train_dataset, settings.max_seq_length)
+        log_rank0(f"{cut['prompt_truncated']} of {cut['pairs']} training pairs have prompts cut from the left to "
+                  f"fit max_seq_length={settings.max_seq_length}; {cut['completion_truncated']} have a completion "
+                  f"longer than that (cut from the right); longest pair {cut['max_pair_length']} tokens")
     params = parameter_report(trainer)
     log_rank0(f"parameters: base {params['base']:,}, LoRA {params['lora_default']:,}, 'ref' adapter "
               f"{params['lora_ref']:,}, separate reference model {params['ref_model']:,}")

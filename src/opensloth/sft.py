@@ -31,6 +31,7 @@ class SFTRunSettings:
     backend: str = "hf"
     dtype: str = "float32"
     gradient_checkpointing: bool = True
+    assistant_only_loss: bool = False
 
     def __post_init__(self):
         if self.per_device_batch_size < 1:
@@ -39,23 +40,26 @@ class SFTRunSettings:
             raise UserInputError(f"grad_accum={self.grad_accum} must be >= 1")
 
 
-CHAT_COLUMNS = ("messages",)
-TEXT_COLUMNS = ("text",)
+def _select_sft_columns(ds, source: str):
+    """Keep the one column TRL trains on: chat ``messages`` (preferred) or plain ``text``.
 
-
-def _format_split(ds, tokenizer, source: str):
-    """Chat ``messages`` -> ``text`` with the tokenizer's chat template; ``text`` passes through."""
+    Chat rows stay as messages: TRL applies the chat template itself, which
+    adds the end-of-turn token once (rendering to text first and letting TRL
+    append EOS doubles it) and allows ``assistant_only_loss``.
+    """
     cols = ds.column_names
     if "messages" in cols:
-        def to_text(example):
-            return {"text": tokenizer.apply_chat_template(example["messages"], tokenize=False)}
+        return ds.select_columns(["messages"])
+    if "conversations" in cols:
+        from opensloth.data.chat import sharegpt_to_messages
 
-        return ds.map(to_text, remove_columns=cols, desc="apply chat template")
+        return ds.map(lambda ex: {"messages": sharegpt_to_messages(ex["conversations"])},
+                      remove_columns=cols, desc="ShareGPT -> messages")
     if "text" in cols:
         return ds.select_columns(["text"])
     raise UserInputError(
-        f"dataset {source!r} has columns {cols}; expected 'messages' (chat turns, trl-lib/Capybara format) "
-        "or 'text' (already formatted)"
+        f"dataset {source!r} has columns {cols}; expected 'messages' (chat turns, trl-lib/Capybara format), "
+        "'conversations' (ShareGPT) or 'text' (already formatted)"
     )
 
 
@@ -70,7 +74,7 @@ def load_sft_splits(
 ):
     """Load, subset and format the train (and optional eval) split of a chat dataset.
 
-    Returns ``(train_dataset, val_dataset_or_None)`` with a ``text`` column.
+    Returns ``(train_dataset, val_dataset_or_None)`` with a ``messages`` or ``text`` column.
     """
     from opensloth.data import load_records
 
@@ -79,16 +83,20 @@ def load_sft_splits(
         train = train.select(range(min(train_samples, len(train))))
     if len(train) == 0:
         raise UserInputError(f"dataset {dataset!r} split {train_split!r} is empty; nothing to train on")
-    train = _format_split(train, tokenizer, dataset)
+    train = _select_sft_columns(train, dataset)
     val = None
     if test_samples:
         val = load_records(dataset, test_split)
-        val = _format_split(val.select(range(min(test_samples, len(val)))), tokenizer, dataset)
+        val = _select_sft_columns(val.select(range(min(test_samples, len(val)))), dataset)
     return train, val
 
 
-def make_sft_config(settings: SFTRunSettings, world_size: int, has_eval: bool):
-    """An ``SFTConfig`` for a run: fixed seeds, TensorBoard, no unused-parameter search under DDP."""
+def make_sft_config(settings: SFTRunSettings, world_size: int, has_eval: bool, dataset_kwargs: dict | None = None):
+    """An ``SFTConfig`` for a run: fixed seeds, TensorBoard, no unused-parameter search under DDP.
+
+    ``dataset_kwargs={"skip_prepare_dataset": True}`` when the data is already
+    tokenized (dataset cache or ``precompute_dataset.py``).
+    """
     from trl import SFTConfig
 
     eval_steps = settings.eval_steps or settings.logging_steps * 5
@@ -111,6 +119,8 @@ def make_sft_config(settings: SFTRunSettings, world_size: int, has_eval: bool):
         data_seed=settings.seed,
         max_length=settings.max_seq_length,
         dataset_text_field="text",
+        dataset_kwargs=dataset_kwargs,
+        assistant_only_loss=settings.assistant_only_loss,
         packing=False,
         bf16=settings.dtype == "bfloat16",
         fp16=settings.dtype == "float16",
@@ -130,7 +140,10 @@ def build_sft_trainer(model, tokenizer, train_dataset, val_dataset, world_size: 
     """Create the SFTTrainer in use (Unsloth's when Unsloth is imported, else stock TRL)."""
     import trl
 
-    config = make_sft_config(settings, world_size, val_dataset is not None)
+    from opensloth.utils.dataset_cache import sft_dataset_kwargs
+
+    config = make_sft_config(settings, world_size, val_dataset is not None,
+                             dataset_kwargs=sft_dataset_kwargs(train_dataset))
     trainer = trl.SFTTrainer(
         model=model,
         args=config,

@@ -24,12 +24,14 @@ Records with a broken structure (``bad_structure``) or nothing to learn from
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from opensloth.data.errors import DatasetFormatError, require_columns
 from opensloth.data.report import BAD_STRUCTURE, EMPTY, TOO_LONG, DropReport
 
 IGNORE_INDEX = -100
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 _DROP = "_opensloth_drop"
 _TRUNC = "_opensloth_truncated"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -112,7 +114,7 @@ def tokenize_messages(messages: list[dict], tokenizer, assistant_only: bool = Fa
 
 def _check_generation_markers(tokenizer) -> None:
     template = getattr(tokenizer, "chat_template", None) or ""
-    if "generation" not in template:
+    if not _GENERATION_TAG.search(template):
         raise ValueError(
             "assistant_only=True needs a chat template with {% generation %} ... {% endgeneration %} around "
             "assistant replies, so the tokenizer can return assistant masks; this tokenizer's template has none. "

@@ -43,7 +43,9 @@ def dataset_fingerprint(ds) -> str:
     Rows are hashed as Arrow IPC bytes in fixed-size batches. Each batch is
     first rebuilt with ``take`` so that the bytes do not depend on how the
     table happens to be stored (memory-mapped file, in-memory table, a slice
-    or an indices mapping): equal content gives an equal fingerprint.
+    or an indices mapping), and the schema metadata (where ``datasets`` keeps
+    its own per-instance fingerprint) is dropped: equal content and features
+    give an equal fingerprint.
 
     Raises:
         TypeError: ``ds`` is not a map-style ``datasets.Dataset`` (an
@@ -64,6 +66,7 @@ def dataset_fingerprint(ds) -> str:
     for start in range(0, len(ds), _ROWS_PER_HASH_BATCH):
         table = arrow[start : start + _ROWS_PER_HASH_BATCH]
         table = table.take(pa.array(np.arange(len(table)))).combine_chunks()
+        table = table.replace_schema_metadata(None)  # holds datasets' own (per-instance) fingerprint
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)

@@ -111,13 +111,24 @@ def _manifest(root: str) -> dict[str, dict]:
 def split_stats(ds) -> dict[str, Any]:
     """Rows, columns and (when tokenized) token counts of one split."""
     stats: dict[str, Any] = {"rows": len(ds), "columns": list(ds.column_names)}
-    ids_column = next((c for c in ("input_ids", "prompt_ids") if c in ds.column_names), None)
-    if ids_column is not None and len(ds):
-        import pyarrow.compute as pc
+    if not len(ds):
+        return stats
+    import pyarrow.compute as pc
 
-        lengths = pc.list_value_length(ds.with_format("arrow")[ids_column].combine_chunks())
-        stats["num_tokens"] = int(pc.sum(lengths).as_py() or 0)
-        stats["max_tokens"] = int(pc.max(lengths).as_py() or 0)
+    table = ds.with_format("arrow")
+
+    def lengths(column):
+        return pc.list_value_length(table[column].combine_chunks())
+
+    if "input_ids" in ds.column_names:
+        per_row = lengths("input_ids")
+    elif {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(ds.column_names):
+        # A preference row is as long as its prompt plus the longer completion.
+        per_row = pc.add(lengths("prompt_ids"), pc.max_element_wise(lengths("chosen_ids"), lengths("rejected_ids")))
+    else:
+        return stats
+    stats["num_tokens"] = int(pc.sum(per_row).as_py() or 0)
+    stats["max_tokens"] = int(pc.max(per_row).as_py() or 0)
     return stats
 
 
@@ -192,7 +203,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def publish_prepared(path: str, splits: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict:
+def publish_prepared(path: str, splits: Mapping[str, Any], metadata: Mapping[str, Any], verify: str = "checksum") -> dict:
     """Write tokenized splits and their metadata to ``path``, atomically.
 
     Args:
@@ -201,6 +212,9 @@ def publish_prepared(path: str, splits: Mapping[str, Any], metadata: Mapping[str
         splits: ``{"train": Dataset, "val": Dataset | dict | None}``.
         metadata: JSON-able entries recorded in ``cache_metadata.json``;
             ``splits``, ``files``, ``created_at`` and ``created_by`` are added.
+        verify: how a folder found at ``path`` is checked before it is
+            replaced; an intact one was published meanwhile by another
+            builder and is kept.
 
     Returns:
         The metadata as written.
@@ -222,7 +236,7 @@ def publish_prepared(path: str, splits: Mapping[str, Any], metadata: Mapping[str
         written["created_by"] = {"host": socket.gethostname(), "pid": os.getpid(), **written.get("created_by", {})}
         _write_json_atomic(os.path.join(tmp, METADATA_FILE), written)
         if os.path.lexists(path):
-            existing = inspect_prepared(path, written.get("cache_key"), verify="size")
+            existing = inspect_prepared(path, written.get("cache_key"), verify=verify)
             if existing.ok:  # another builder (e.g. a second node on a shared disk) published first
                 _remove_tree(tmp)
                 return existing.metadata

@@ -32,7 +32,8 @@ class DropReport:
         total_in: records read.
         dropped: reason -> number of records removed for it.
         truncated: records kept but shortened to fit the length budget.
-        examples: reason -> the first few record positions (0-based) dropped for it.
+        examples: reason -> the first few positions dropped for it: line numbers
+            when the records were read from a JSONL file, 0-based row indices otherwise.
     """
 
     name: str

@@ -1,9 +1,10 @@
 """Preference pairs that fit the token budget: the prompt gives way, never a crash.
 
-TRL's ``DataCollatorForPreference`` truncates the chosen and the rejected
-sequence separately. With ``keep_end`` a pair whose completions differ in
-length would then see two different prompts (more of the prompt cut for the
-longer completion). Here the prompt of a pair is cut once, from the left, to
+TRL 1.15 truncates in its collator, chosen and rejected sequence separately:
+``keep_start`` (the default) cuts the end of the completions and drops pairs
+whose prompt alone fills ``max_length``; ``keep_end`` (deprecated) cuts from the
+left, but per sequence, so the chosen and the rejected completion of one pair
+can see different prompts. Here the prompt of a pair is cut once, from the left, to
 ``max_length - max(len(chosen), len(rejected))`` tokens, so both completions
 see the same, most recent, context. A completion longer than ``max_length`` on
 its own is cut from the right (its start is kept) and the prompt is dropped;

@@ -27,11 +27,11 @@ REF_ADAPTER = "ref"
 
 
 def _peft_model(trainer_or_model):
-    model = getattr(trainer_or_model, "model", trainer_or_model)
+    """The (unwrapped) model of a trainer, or the model itself."""
     accelerator = getattr(trainer_or_model, "accelerator", None)
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model)
-    return model
+    if accelerator is None:
+        return trainer_or_model
+    return accelerator.unwrap_model(trainer_or_model.model)
 
 
 def _is_peft(model) -> bool:

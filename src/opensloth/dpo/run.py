@@ -207,8 +207,9 @@ def make_dpo_config(settings: DPORunSettings, dynamic: DynamicBetaConfig, *, run
         data_seed=settings.seed,
         beta=beta,
         loss_type=["sigmoid"],
-        max_length=settings.max_seq_length,
-        truncation_mode="keep_end",
+        # opensloth's collator fits pairs into max_seq_length (prompt cut from the left); TRL must then
+        # neither truncate nor drop pairs. --no_patches keeps TRL's own truncation (keep_start).
+        max_length=settings.max_seq_length if settings.no_patches else None,
         precompute_ref_log_probs=settings.precompute_ref_log_probs,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
@@ -247,19 +248,21 @@ def dpo_trainer_class(*, dynamic: bool, backend: str):
 
 
 def build_dpo_trainer(trainer_cls, model, tokenizer, train_dataset, eval_dataset, base_config, *,
-                      left_truncate: bool = True):
+                      left_truncate_to: int | None = None):
     """Construct ``trainer_cls`` with its own copy of ``base_config`` (never mutated).
 
     ``ref_model`` is None: the reference is the policy with its adapter
-    disabled. With ``left_truncate`` the collator cuts long prompts from the left
-    (:class:`opensloth.dpo.data.LeftTruncatingPreferenceCollator`).
+    disabled. With ``left_truncate_to`` the collator fits every pair into that
+    many tokens, cutting the prompt from the left
+    (:class:`opensloth.dpo.data.LeftTruncatingPreferenceCollator`); otherwise
+    TRL's own collator and ``base_config.max_length`` apply.
     """
     args = dataclasses.replace(base_config)  # TRL may write into its args; keep the caller's config intact
     collator = None
-    if left_truncate:
+    if left_truncate_to is not None:
         from opensloth.dpo.data import LeftTruncatingPreferenceCollator
 
-        collator = LeftTruncatingPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length)
+        collator = LeftTruncatingPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=left_truncate_to)
     return trainer_cls(
         model=model,
         ref_model=None,

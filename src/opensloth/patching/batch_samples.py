@@ -10,26 +10,30 @@ as without the patch -- only the work is spread better.
 
 How one step is built (every rank runs the same code on the same inputs):
 
-1. The Trainer's own iterator is advanced by ``num_batches`` as usual (its
-   batches are discarded). This keeps accelerate's end-of-epoch bookkeeping
-   and the Trainer's step counting untouched.
-2. The step window -- ``world_size x num_batches x per_device_batch`` dataset
-   indices -- is read from one seeded permutation of the whole dataset that
-   every rank computes identically (seed ``data_seed`` or ``seed``, plus the
-   epoch; identity order for ``train_sampling_strategy="sequential"``). Every
-   sample is used exactly once per epoch; the last window of an epoch holds
-   what is left.
+1. At the first step of an epoch the train sampler's order is drawn once --
+   the same call, seed and epoch as the stock loop -- and put back as a replay,
+   so the loader and the planner see the very same indices. From it every rank
+   derives, with accelerate's own ``BatchSamplerShard``, the index batches that
+   the stock loader deals to *each* rank. One small all-gather of a checksum
+   per epoch proves the ranks agree.
+2. The step window is what all ranks would train on in this step without the
+   patch: ``world_size x num_batches`` index batches, duplicates from
+   accelerate's ``even_batches`` wrap-around included. No sample of the step
+   is dropped or added; only where it is computed changes.
 3. :func:`opensloth.utils.packing.plan_step` assigns the window's samples to
-   ranks and micro-batches from their token lengths alone. Lengths are read
-   once from the dataset (every rank holds it), so ranks exchange nothing but
-   the token count that the original method already gathers.
-4. Each rank fetches only its own samples from ``trainer.train_dataset``,
-   runs the trainer's ``data_collator`` on each sample alone (so labels are
-   exactly what the collator makes), and packs them into micro-batches.
+   ranks and micro-batches from their token lengths alone (read once from the
+   dataset every rank holds). Ranks exchange nothing else; the token count the
+   original method gathers for ``num_items_in_batch`` is unchanged.
+4. The Trainer's iterator is advanced by ``num_batches`` as usual (its
+   batches are discarded), keeping accelerate's end-of-epoch bookkeeping.
+   Each rank then fetches only its assigned samples from the loader's dataset,
+   runs the loader's collator on each sample alone (so labels are exactly what
+   the collator makes), and packs them into ``num_batches`` micro-batches;
+   a rank with fewer samples than micro-batches gets two-token all-masked
+   ones, so every rank runs the same number of forward/backward passes.
 
-Why not gather the other ranks' collated batches? That would ship token ids
-between ranks every step; reading the shared dataset by index needs no
-traffic and no change to the data loader.
+Why not ship the other ranks' collated batches? That moves token ids between
+ranks every step; reading the shared dataset by index needs no traffic.
 
 Layouts (``layout=``):
 
@@ -68,9 +72,7 @@ from opensloth.utils.dataset_cache import _check_distributed_environment
 from opensloth.utils.packing import (
     LAYOUTS,
     attention_coef_for,
-    balanced_rows,
     build_micro_batch,
-    drawn_layout,
     padded_cost,
     plan_step,
     sequences_from_batch,
@@ -168,7 +170,7 @@ def patch_optimize_sft_trainer_batch_samples(
             patch relies on.
     """
     global _SETTINGS
-    _SETTINGS = BatchSamplesSettings(layout=layout, cross_rank=cross_rank, attention_coef=attention_coef)
+    settings = BatchSamplesSettings(layout=layout, cross_rank=cross_rank, attention_coef=attention_coef)
     if trainer_cls is None:
         import trl
 
@@ -185,6 +187,7 @@ def patch_optimize_sft_trainer_batch_samples(
             "num_items_in_batch per step"
         ),
     )
+    _SETTINGS = settings
     log_rank0(
         f"{'patched' if swapped else 'already patched'} {trainer_cls.__module__}.{trainer_cls.__qualname__}"
         f".get_batch_samples (layout={layout}, cross_rank={cross_rank})"
@@ -193,11 +196,13 @@ def patch_optimize_sft_trainer_batch_samples(
 
 
 def unpatch_optimize_sft_trainer_batch_samples(trainer_cls: type | None = None) -> bool:
-    """Restore the original method (tests, or to turn the patch off in-process)."""
+    """Restore the original method and the default settings (tests, or to turn the patch off in-process)."""
+    global _SETTINGS
     if trainer_cls is None:
         import trl
 
         trainer_cls = trl.SFTTrainer
+    _SETTINGS = BatchSamplesSettings()
     return unpatch(trainer_cls, "get_batch_samples", PATCH_NAME)
 
 
@@ -205,8 +210,15 @@ def _check_targets(trainer_cls: type) -> None:
     from transformers import Trainer
 
     require_attr(trainer_cls, "get_batch_samples", PATCH_NAME, WRITTEN_FOR)
-    for attr in ("_remove_unused_columns", "_get_collator_with_removed_columns", "_run_epoch"):
+    for attr in ("_run_epoch", "_prepare_for_training"):
         require_attr(Trainer, attr, PATCH_NAME, WRITTEN_FOR)
+    # The replacement reads the prepared train loader from the callback handler.
+    require_source_contains(
+        Trainer._prepare_for_training,
+        ["self.callback_handler.train_dataloader = train_dataloader"],
+        PATCH_NAME,
+        WRITTEN_FOR,
+    )
     # The loop must ask for `num_batches` micro-batches per step and decide the sync step by
     # counting them; that is the contract the replacement keeps.
     require_source_contains(
@@ -246,47 +258,134 @@ def _make_replacement(owner: type, original):
 
 
 # ---------------------------------------------------------------------------
-# The step window: one seeded permutation per epoch, shared by every rank
+# The step window: exactly the samples the stock loader deals to all ranks
 # ---------------------------------------------------------------------------
+
+
+class _ReplaySampler:
+    """Stands in for the train sampler for one epoch and yields the order it produced.
+
+    The order is drawn once from the real sampler (same seed, same epoch, same
+    RNG use as the stock loop) and then served to the real loader and to the
+    planner alike, so both see the very same indices.
+    """
+
+    def __init__(self, original, order: list):
+        self.original = original
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.original, "set_epoch"):
+            self.original.set_epoch(epoch)
+
+    def __getattr__(self, name):
+        if name in ("original", "order"):
+            raise AttributeError(name)
+        return getattr(self.original, name)
 
 
 @dataclass
 class _EpochWindows:
     iterator: Any
-    epoch: int
-    order: list
-    consumed: int
+    streams: list  # streams[rank] = the index batches the stock loader yields to that rank this epoch
+    consumed: int  # micro-batches already used by every rank
 
 
-def _epoch_windows(trainer, epoch_iterator, world_size: int, batch_size: int) -> _EpochWindows:
+def _index_source(loader):
+    """(BatchSamplerShard or None, the BatchSampler whose ``sampler`` yields dataset indices)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    outer = getattr(loader, "batch_sampler", None)
+    shard = outer if isinstance(outer, BatchSamplerShard) else None
+    inner = shard.batch_sampler if shard is not None else outer
+    if shard is not None and (shard.split_batches or not shard.even_batches):
+        inner = None  # uneven or split dealing: not supported
+    if type(inner) is not BatchSampler or inner.batch_size is None or not hasattr(inner, "sampler"):
+        raise TypeError(
+            "opensloth's batch repacking reproduces the stock step from an accelerate-prepared loader "
+            "(BatchSampler over a sampler, dealt by BatchSamplerShard with even_batches); this train loader "
+            f"uses {type(outer).__name__}/{type(inner).__name__} (e.g. train_sampling_strategy='batch_rebalance', "
+            "split_batches or an IterableDataset). Run with --no_patches."
+        )
+    return shard, inner
+
+
+def _epoch_windows(trainer, epoch_iterator, env) -> _EpochWindows:
     state = getattr(trainer, "_opensloth_windows", None)
     if state is not None and state.iterator is epoch_iterator:
         return state
-    import torch
+    from torch.utils.data import BatchSampler
 
-    n = len(trainer.train_dataset)
-    epoch = int(math.floor(trainer.state.epoch or 0.0))
-    args = trainer.args
-    if getattr(args, "train_sampling_strategy", "random") == "sequential":
-        order = list(range(n))
+    loader = _train_loader(trainer)
+    shard, inner = _index_source(loader)
+    sampler = inner.sampler
+    original = sampler.original if isinstance(sampler, _ReplaySampler) else sampler
+    # The stock loader synchronises the sampler's generator across ranks when its iterator starts;
+    # drawing the order now (before that point) needs the same synchronisation first.
+    rng_types = getattr(loader, "rng_types", None)
+    if rng_types:
+        from accelerate.utils import synchronize_rng_states
+
+        synchronize_rng_states(rng_types, getattr(loader, "synchronized_generator", None))
+    order = list(original)
+    inner.sampler = _ReplaySampler(original, order)
+    _check_same_order(order, env)
+
+    replay = BatchSampler(order, inner.batch_size, inner.drop_last)
+    if shard is None:
+        streams = [list(replay)]
     else:
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        g = torch.Generator()
-        g.manual_seed(int(seed) + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-    # Resuming mid-epoch: skip the windows of the optimizer steps already taken in this epoch.
-    steps_done = 0
-    loader = getattr(getattr(trainer, "callback_handler", None), "train_dataloader", None)
-    try:
-        per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps) if loader is not None else 0
-    except TypeError:
-        per_epoch = 0
+        from accelerate.data_loader import BatchSamplerShard
+
+        streams = [
+            list(BatchSamplerShard(replay, num_processes=shard.num_processes, process_index=r,
+                                   split_batches=False, even_batches=True))
+            for r in range(shard.num_processes)
+        ]
+    # Resuming mid-epoch: the Trainer skips the micro-batches of the steps already taken.
+    args = trainer.args
+    consumed = 0
+    per_epoch = math.ceil(len(streams[0]) / args.gradient_accumulation_steps) if streams[0] else 0
+    epoch = int(math.floor(trainer.state.epoch or 0.0))
     if per_epoch:
-        steps_done = max(0, trainer.state.global_step - epoch * per_epoch)
-    consumed = steps_done * world_size * args.gradient_accumulation_steps * batch_size
-    state = _EpochWindows(iterator=epoch_iterator, epoch=epoch, order=order, consumed=consumed)
+        consumed = max(0, trainer.state.global_step - epoch * per_epoch) * args.gradient_accumulation_steps
+    state = _EpochWindows(iterator=epoch_iterator, streams=streams, consumed=consumed)
     trainer._opensloth_windows = state
     return state
+
+
+def _check_same_order(order: list, env) -> None:
+    """Every rank must have drawn the same order; one small all-gather per epoch proves it."""
+    if env.world_size <= 1:
+        return
+    import hashlib
+
+    from opensloth.utils.distributed import all_gather_object_list
+
+    digest = hashlib.sha1(repr(order).encode()).hexdigest()
+    digests = all_gather_object_list(digest)
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"rank {env.rank}: ranks drew different sample orders ({digests}); the sampler is not seeded "
+            f"identically on every rank. Set data_seed, or run with --no_patches."
+        )
+
+
+def _train_loader(trainer):
+    loader = getattr(getattr(trainer, "callback_handler", None), "train_dataloader", None)
+    if loader is None:
+        raise RuntimeError(
+            "opensloth's batch repacking reads the train loader from trainer.callback_handler.train_dataloader, "
+            "which the installed transformers did not set"
+        )
+    return loader
 
 
 # ---------------------------------------------------------------------------
@@ -296,31 +395,20 @@ def _epoch_windows(trainer, epoch_iterator, world_size: int, batch_size: int) ->
 
 def _train_source(trainer):
     """(dataset the loader reads, collator it uses, token lengths), cached per dataset object."""
+    loader = _train_loader(trainer)
+    dataset, collator = loader.dataset, loader.collate_fn
     cache = getattr(trainer, "_opensloth_source", None)
-    if cache is not None and cache[0] is trainer.train_dataset:
-        return cache[1:]
-    import torch
-
-    dataset = trainer.train_dataset
-    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        raise TypeError(
-            "opensloth's batch repacking needs a map-style train dataset (len() and indexing); got "
-            f"{type(dataset).__name__}. Run with --no_patches, or materialise the dataset."
-        )
-    collator = trainer.data_collator
+    if cache is not None and cache[0] is dataset:
+        return cache
     try:
         import datasets
 
         is_hf = isinstance(dataset, datasets.Dataset)
     except ImportError:  # pragma: no cover
         is_hf = False
-    if is_hf:
-        dataset = trainer._remove_unused_columns(dataset, description="training")
-    else:
-        collator = trainer._get_collator_with_removed_columns(collator, description="training")
     lengths = _dataset_lengths(dataset, is_hf)
-    trainer._opensloth_source = (trainer.train_dataset, dataset, collator, lengths)
-    return dataset, collator, lengths
+    trainer._opensloth_source = (dataset, collator, lengths)
+    return trainer._opensloth_source
 
 
 def _dataset_lengths(dataset, is_hf: bool) -> list[int]:
@@ -402,11 +490,6 @@ def _resolve_layout(trainer, settings: BatchSamplesSettings) -> str:
 def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings):
     import torch
 
-    for _ in range(num_batches):  # advance the loader exactly as the stock method does
-        try:
-            next(epoch_iterator)
-        except StopIteration:
-            break
     t0 = time.perf_counter()
     env = _check_distributed_environment()
     args = trainer.args
@@ -424,25 +507,40 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
     stats = getattr(trainer, "_opensloth_packing_stats", None)
     if stats is None:
         stats = trainer._opensloth_packing_stats = PackingStats(layout=_resolve_layout(trainer, settings))
-        strategy = getattr(args, "train_sampling_strategy", "random")
-        if strategy not in ("random", "sequential"):
-            log_rank0(f"train_sampling_strategy={strategy!r} is replaced by opensloth's step planner (seeded random order)")
     layout = stats.layout
-    batch_size = args.per_device_train_batch_size
+    # Before advancing the loader: at an epoch's first step this installs the replayed order.
+    windows = _epoch_windows(trainer, epoch_iterator, env)
+    t_setup = time.perf_counter() - t0
+    for _ in range(num_batches):  # advance the loader exactly as the stock method does
+        try:
+            next(epoch_iterator)
+        except StopIteration:
+            break
+    t1 = time.perf_counter()
     dataset, collator, lengths_all = _train_source(trainer)
-    windows = _epoch_windows(trainer, epoch_iterator, world_size, batch_size)
 
-    size = world_size * num_batches * batch_size
-    indices = windows.order[windows.consumed:windows.consumed + size]
-    windows.consumed += size
+    # The stock step: rank r would train on streams[r][consumed : consumed + num_batches].
+    start = windows.consumed
+    windows.consumed += num_batches
+    indices: list[int] = []
+    drawn: list[list[list[int]]] = []
+    for r in range(world_size):
+        stream = windows.streams[r] if r < len(windows.streams) else []
+        rank_mbs = []
+        for m in range(num_batches):
+            batch = stream[start + m] if start + m < len(stream) else []
+            rank_mbs.append(list(range(len(indices), len(indices) + len(batch))))
+            indices.extend(batch)
+        drawn.append(rank_mbs)
     if not indices:
         raise RuntimeError(
-            f"rank {rank}: the Trainer asked for a step after every sample of epoch {windows.epoch} was used; "
-            f"the data loader length and the dataset size disagree. Run with --no_patches and report this."
+            f"rank {rank}: the Trainer asked for a step after the loader's epoch was used up; "
+            f"the loader length and the replayed order disagree. Run with --no_patches and report this."
         )
     lengths = [int(lengths_all[i]) for i in indices]
     if min(lengths) < 1:
         raise ValueError(f"rank {rank}: a training sample has no tokens (dataset index {indices[lengths.index(0)]})")
+    batch_size = args.per_device_train_batch_size
     max_length = getattr(args, "max_length", None) or 0
     row_capacity = max(int(max_length), max(lengths))
     coef = settings.attention_coef
@@ -456,7 +554,8 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
         attention_coef=coef,
         layout=layout,
         cross_rank=settings.cross_rank,
-        batch_size=batch_size,
+        drawn=drawn,
+        row_capacity=row_capacity,
     )
     mine = plan.micro_batches[rank]
     wanted = sorted({p for mb in mine for p in mb})
@@ -475,11 +574,17 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
     if mask_dtype is not None and not mask_dtype.is_floating_point:
         mask_dtype = torch.float32
     micro_batches = []
-    for mb in mine:
-        seqs = [s for p in mb for s in sequences_of[p]]
-        sources = [indices[p] for p in mb for _ in sequences_of[p]]
+    for m, mb in enumerate(mine):
+        # Row order follows the plan's rows (rows4d); a pre-packed sample brings all its segments.
+        ordered = [p for row in plan.rows[rank][m] for p in row] if layout == "rows4d" else list(mb)
+        seqs = [s for p in ordered for s in sequences_of[p]]
+        sources = [indices[p] for p in ordered for _ in sequences_of[p]]
         if layout == "rows4d":
-            row_plan = balanced_rows([x.numel() for x, _ in seqs], row_capacity, attention_coef=coef)
+            row_plan, at = [], 0
+            for row in plan.rows[rank][m]:
+                count = sum(len(sequences_of[p]) for p in row)
+                row_plan.append(list(range(at, at + count)))
+                at += count
         elif layout == "padded":
             row_plan = [[i] for i in range(len(seqs))]
         else:
@@ -495,7 +600,7 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
         )
         micro_batches.append(batch)
 
-    elapsed = time.perf_counter() - t0
+    elapsed = t_setup + (time.perf_counter() - t1)
     batch_samples, num_items_in_batch = inner(iter(micro_batches), num_batches, device)
     if len(batch_samples) != num_batches:
         raise RuntimeError(
@@ -509,7 +614,6 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
             "the gradient. Run with --no_patches for this model."
         )
 
-    drawn = drawn_layout(len(indices), world_size, num_batches, batch_size)
     drawn_cost = max(sum(padded_cost([lengths[p] for p in mb]) for mb in rank_mbs) for rank_mbs in drawn)
     stats.steps += 1
     stats.real_tokens += sum(lengths)

@@ -40,8 +40,9 @@ What happens on each launch:
    than a hang; the barrier comes only after every rank has its trainer.
 4. Ranks that did not build load the published splits (memory-mapped) and
    call the factory with them. ``sft_dataset_kwargs`` tells TRL to skip its
-   preparation, so these ranks never tokenize, and all ranks train on
-   byte-identical data.
+   preparation, so these ranks never tokenize. The builder swaps its
+   trainer's datasets for the published copies too, so all ranks train on
+   byte-identical, memory-mapped data.
 
 While a rank runs the factory alone, accelerate's ``main_process_first``
 (which TRL wraps around its dataset maps) would wait in a barrier for ranks
@@ -54,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import socket
 import threading
@@ -210,7 +212,8 @@ class DatasetCacheConfig:
         metadata={
             "help": "'auto': a torch.distributed barrier after success when a process group exists (created "
             "when torchrun's MASTER_ADDR is set), file flags only otherwise; 'barrier': require the process "
-            "group; 'file': never touch torch.distributed"
+            "group; 'file': never touch torch.distributed (only for factories that do not create a process "
+            "group themselves: TRL's SFTConfig does under torchrun, so keep 'auto' there)"
         },
     )
     verify: str = field(
@@ -264,7 +267,7 @@ def _as_config(cache_config) -> DatasetCacheConfig:
 
 
 def cache_key_parts(train_dataset, val_dataset, tokenizer, max_seq_length, cache_key_params) -> dict:
-    """Everything the cache key is computed from (see :func:`compute_cache_key`).
+    """Everything the cache key is computed from (see :func:`opensloth.data.fingerprint.compute_cache_key`).
 
     ``val_dataset`` may be None, a Dataset or a dict of Datasets.
     """
@@ -281,12 +284,6 @@ def cache_key_parts(train_dataset, val_dataset, tokenizer, max_seq_length, cache
         "max_seq_length": max_seq_length,
         "params": dict(cache_key_params or {}),
     }
-
-
-def compute_cache_key(parts: Mapping[str, Any]) -> str:
-    from opensloth.data.fingerprint import compute_cache_key as _key
-
-    return _key(parts)
 
 
 def sft_dataset_kwargs(train_dataset) -> dict | None:
@@ -611,10 +608,11 @@ def wait_for_prepared(path: str, key: str, cfg: DatasetCacheConfig, launch: _Lau
 def _build_and_publish(factory, call_args, call_kwargs, path, key, parts, cfg, launch, alone: bool):
     """Builder side of a cold cache: run the factory, publish its tokenized splits."""
     from opensloth.data.fingerprint import tokenizer_fingerprint
-    from opensloth.data.prepared import library_versions, publish_prepared
+    from opensloth.data.prepared import library_versions, load_prepared_splits, publish_prepared
     from opensloth.log import log_all_ranks
 
     cache_dir = os.path.dirname(path)
+    os.makedirs(cache_dir, exist_ok=True)
     failed_path = _marker_path(cache_dir, key, "failed")
     _remove(failed_path)
     marker = {
@@ -650,12 +648,17 @@ def _build_and_publish(factory, call_args, call_kwargs, path, key, parts, cfg, l
                 "build_cpu_seconds": round(build_cpu_s, 3),
                 "created_by": {"rank": launch.env.rank, "world_size": launch.env.world_size},
             }
-            written = publish_prepared(path, {"train": trainer.train_dataset, "val": trainer.eval_dataset}, metadata)
+            written = publish_prepared(
+                path, {"train": trainer.train_dataset, "val": trainer.eval_dataset}, metadata, cfg.verify
+            )
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            os.makedirs(cache_dir, exist_ok=True)
             _write_marker(failed_path, {**marker, "error": f"{type(exc).__name__}: {exc}", "time": time.time()})
         raise
+    # Train from the published files, like every other rank: identical bytes everywhere, and the
+    # in-memory copy the trainer made can be freed.
+    splits = load_prepared_splits(path, written)
+    trainer.train_dataset, trainer.eval_dataset = splits["train"], splits.get("val")
     log_all_ranks(
         f"built the tokenized dataset cache {path} in {build_s:.1f}s "
         f"({written['splits']['train']['rows']} train rows)"
@@ -693,13 +696,15 @@ def _run_factory_on_cache(factory, call_args, call_kwargs, path, metadata, alone
         log_all_ranks(
             "the trainer factory re-prepared the cached dataset; pass "
             "SFTConfig(dataset_kwargs=opensloth.utils.dataset_cache.sft_dataset_kwargs(train_dataset)) "
-            "to skip that. Restoring the cached splits so all ranks train on identical data."
+            "to skip that. Restoring the cached splits so all ranks train on identical data.",
+            logging.WARNING,
         )
         trainer.train_dataset, trainer.eval_dataset = train, val
     return trainer
 
 
 def _cached_trainer(factory, cfg: DatasetCacheConfig, cache_key_params: dict, call_args: tuple, call_kwargs: dict):
+    from opensloth.data.fingerprint import compute_cache_key
     from opensloth.data.prepared import inspect_prepared
     from opensloth.log import log_all_ranks, log_rank0, warn_rank0
     from opensloth.utils.distributed import barrier
@@ -729,7 +734,8 @@ def _cached_trainer(factory, cfg: DatasetCacheConfig, cache_key_params: dict, ca
             trainer = _run_factory_on_cache(factory, call_args, call_kwargs, path, status.metadata, alone)
         else:
             if not status.missing:
-                log_all_ranks(f"WARNING: the tokenized dataset cache {path} is unusable ({status.reason}); rebuilding")
+                log_all_ranks(f"the tokenized dataset cache {path} is unusable ({status.reason}); rebuilding",
+                              logging.WARNING)
             trainer = _build_and_publish(factory, call_args, call_kwargs, path, key, parts, cfg, launch, alone)
     else:
         metadata = wait_for_prepared(path, key, cfg, launch)
@@ -763,9 +769,14 @@ def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any]
     """
     cfg = _as_config(cache_config)
     params = dict(cache_key_params or {})
-    from opensloth.data.fingerprint import stable_json
-
-    stable_json(params)  # fail now, not on the first call, if a value cannot be keyed
+    for name, value in params.items():
+        try:  # a repr() of an object would hold its address: a new key on every launch
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"cache_key_params[{name!r}] = {value!r} is not a plain JSON value (str, int, float, bool, None, "
+                f"list, dict); pass the setting itself, e.g. a number or a string"
+            ) from None
 
     def decorate(factory):
         @functools.wraps(factory)

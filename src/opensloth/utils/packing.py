@@ -66,7 +66,9 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     """Pack items into as few bins of ``capacity`` as best-fit-decreasing finds.
 
     Items are taken longest first (ties by index); each goes into the open bin
-    with the least room left that still fits it, or a new bin.
+    with the least room left that still fits it (ties: the bin that reached
+    that room first), or a new bin. This is the rule of TRL's ``_pack_bfd``;
+    a test checks that both give the same bins.
 
     Args:
         lengths: item sizes (tokens), each >= 1.
@@ -92,20 +94,23 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
             f"choose an overflow policy ('truncate' or 'split') or raise the capacity"
         )
     bins: list[list[int]] = []
-    # Sorted (room_left, bin_index) of open bins; bisect finds the tightest fit.
-    rooms: list[tuple[int, int]] = []
+    # Sorted (room_left, stamp, bin_index) of open bins; bisect finds the tightest fit. Among bins
+    # with the same room the one that reached it first wins, which is TRL's tie-break too.
+    rooms: list[tuple[int, int, int]] = []
+    stamp = 0
     for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
         n = lengths[i]
-        pos = bisect.bisect_left(rooms, (n, -1))
+        pos = bisect.bisect_left(rooms, (n, -1, -1))
         if pos < len(rooms):
-            room, b = rooms.pop(pos)
+            room, _, b = rooms.pop(pos)
         else:
             room, b = capacity, len(bins)
             bins.append([])
         bins[b].append(i)
         room -= n
         if room > 0:
-            bisect.insort(rooms, (room, b))
+            bisect.insort(rooms, (room, stamp, b))
+            stamp += 1
     return bins
 
 
@@ -217,10 +222,11 @@ def balanced_rows(
     """Arrange sequences into packed rows of least padded cost.
 
     For a given number of rows ``r`` the sequences are spread by
-    longest-first greedy (each into the shortest row), which keeps the longest
-    row, and so the padding, small. ``r`` is tried from the fewest rows that
-    can hold the tokens up to one row per sequence; the cheapest arrangement
-    by :func:`padded_cost` over row lengths wins. A quadratic attention term
+    longest-first greedy (each into the shortest row) and then evened out by
+    moves and swaps off the longest row, which keeps the longest row, and so
+    the padding, small. Best-fit decreasing is a candidate as well. ``r`` is tried from the fewest rows that
+    can hold the tokens to four more, and one row per sequence; the cheapest
+    arrangement by :func:`padded_cost` over row lengths wins. A quadratic attention term
     (``attention_coef > 0``) favours more, shorter rows, because a dense
     block-causal mask makes every row pay ``L**2`` attention.
 
@@ -243,26 +249,32 @@ def balanced_rows(
     n = len(lengths)
     total = sum(lengths)
     order = sorted(range(n), key=lambda j: (-lengths[j], j))
-    best_rows: list[list[int]] | None = None
-    best_cost = math.inf
-    for r in range(max(1, -(-total // row_capacity)), n + 1):
-        rows = [row for row in _lpt(lengths, r, order) if row]
+
+    def cost_of(rows):
         longest = max(sum(lengths[i] for i in row) for row in rows)
-        if longest > row_capacity:
+        return len(rows) * (longest + attention_coef * longest * longest)
+
+    # Best-fit decreasing is always a candidate, so the result is never worse than plain BFD.
+    best_rows = best_fit_decreasing(lengths, row_capacity)
+    best_cost = cost_of(best_rows)
+    r_min = max(1, -(-total // row_capacity))
+    # A few more rows than the minimum can cut padding (or dense attention); one row per sequence
+    # is the padded layout. Trying every count in between costs O(n^2) for little gain.
+    for r in sorted(set(range(r_min, min(n, r_min + 4) + 1)) | {n}):
+        state = _Layout(lengths, [float(x) for x in lengths], r, 1, None)
+        for i, row in enumerate(_lpt(lengths, r, order)):
+            for j in row:
+                state.add(j, i, 0)
+        _improve(state, r, allow_moves=True, max_rounds=4 * n)
+        rows = [state.items_of(i) for i in range(r) if state.bin_items[i][0]]
+        if max(sum(lengths[i] for i in row) for row in rows) > row_capacity:
             continue
-        cost = len(rows) * (longest + attention_coef * longest * longest)
+        cost = cost_of(rows)
         if cost < best_cost:
             best_cost, best_rows = cost, rows
-        if attention_coef == 0.0 and longest * len(rows) == total:
+        if attention_coef == 0.0 and best_cost == total:
             break  # no padding at all: cannot do better
-    if best_rows is None:  # greedy could not respect the capacity for any r<n; one per row always fits
-        best_rows = [[i] for i in order]
     return best_rows
-
-
-def rows_cost(row_lengths: Sequence[int], attention_coef: float = 0.0) -> float:
-    """Cost of one packed micro-batch with a dense mask: padded cost over row lengths."""
-    return padded_cost(row_lengths, attention_coef)
 
 
 # ---------------------------------------------------------------------------
@@ -282,13 +294,16 @@ class StepPlan:
             with no sample (the caller runs a tiny all-masked batch so that every
             rank does the same number of forward/backward passes).
         rank_loads: planned cost per rank (the planner's objective).
-        fallback: True when the balanced plan could not respect the token budget
-            and the drawn layout (consecutive chunks) was used instead.
+        fallback: True when the stock (drawn) layout was kept because the
+            balanced plan was infeasible within the budget or not better.
+        rows: for the ``"rows4d"`` layout, ``rows[rank][m]`` is the tuple of
+            packed rows of that micro-batch, each a tuple of window positions.
     """
 
     micro_batches: tuple[tuple[tuple[int, ...], ...], ...]
     rank_loads: tuple[float, ...]
     fallback: bool = False
+    rows: tuple | None = None
 
     @property
     def world_size(self) -> int:
@@ -448,26 +463,34 @@ def plan_step(
     layout: str = "varlen",
     cross_rank: bool = True,
     batch_size: int | None = None,
+    drawn: Sequence[Sequence[Sequence[int]]] | None = None,
+    row_capacity: int | None = None,
     max_rounds: int | None = None,
 ) -> StepPlan:
     """Assign one optimizer step's samples to ranks and micro-batches.
 
     The objective is the slowest rank's work, since every rank waits for it at
-    the gradient all-reduce. Work is measured per sample as
-    ``l + attention_coef * l**2`` (a padding-free micro-batch costs the sum
-    over its sequences). The planner:
+    the gradient all-reduce. Work per sample is ``l + attention_coef * l**2``
+    (a padding-free micro-batch costs the sum over its sequences). The planner:
 
     1. places samples heaviest first on the least-loaded rank, into that rank's
        emptiest micro-batch that stays within ``token_budget`` (a rank has
        exactly ``num_micro_batches`` micro-batches);
     2. improves the result by moving or swapping samples off the heaviest rank
        (:func:`_improve`);
-    3. re-spreads each rank's samples over its micro-batches, longest first,
-       so that no micro-batch is needlessly large (peak memory).
+    3. arranges each rank's samples for the layout: ``"varlen"`` spreads them
+       over the micro-batches longest first (lower peak memory);
+       ``"rows4d"`` packs them into rows of at most ``row_capacity``
+       (:func:`balanced_rows`) and groups the rows into micro-batches by the
+       least-padding DP; ``"padded"`` groups the samples themselves by that DP
+       (:func:`min_padding_partition`), and also tries a window-wide plan
+       (sorted samples cut into equal-cost micro-batches, dealt to ranks),
+       keeping whichever has the lighter slowest rank.
 
-    With ``layout="padded"`` each rank's samples are then regrouped by the
-    OpenSloth DP (:func:`min_padding_partition`) so that padding inside the
-    rank is least.
+    Layout costs: varlen is the sum of sample work; rows4d and padded pay
+    rows x longest row (+ ``attention_coef`` x rows x longest**2, a dense
+    mask). When the stock layout ``drawn`` is known the plan is never worse
+    than it.
 
     The result depends only on the arguments, so every rank computes the same
     plan from the same lengths; nothing else needs to be exchanged.
@@ -477,22 +500,26 @@ def plan_step(
         world_size: number of ranks.
         num_micro_batches: micro-batches per rank in this step (grad-accum, or
             fewer for the epoch's last partial step).
-        token_budget: most tokens in one micro-batch (padded: rows x longest).
-            ``None`` means unlimited.
+        token_budget: most tokens in one micro-batch (rows4d and padded:
+            rows x longest). ``None`` means unlimited.
         attention_coef: quadratic attention weight in the cost model.
         layout: "varlen" or "rows4d" (packed) or "padded" (one sample per row).
         cross_rank: False keeps every sample on the rank that drew it (needs
-            ``batch_size``) and balances only that rank's micro-batches.
-        batch_size: samples per micro-batch in the drawn layout; needed for
-            ``cross_rank=False`` and for the fallback.
+            ``drawn`` or ``batch_size``) and arranges only that rank's samples.
+        batch_size: samples per micro-batch of the drawn layout
+            (:func:`drawn_layout`), when ``drawn`` is not given.
+        drawn: the layout the stock data loader drew, ``drawn[rank][m]`` =
+            window positions.
+        row_capacity: longest packed row for ``"rows4d"`` (default: the
+            longest sample).
         max_rounds: cap on improvement rounds (default ``4 * len(lengths)``).
 
     Returns:
-        A :class:`StepPlan`.
+        A :class:`StepPlan` (with ``rows`` for ``"rows4d"``).
 
     Raises:
-        ValueError: bad sizes, an unknown layout, or a sample longer than the
-            budget.
+        ValueError: bad sizes, an unknown layout, a sample longer than the
+            budget or the row capacity, or a bad ``drawn``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -502,13 +529,34 @@ def plan_step(
     n = len(lengths)
     if token_budget is not None and lengths and max(lengths) > token_budget:
         raise ValueError(f"a sample of {max(lengths)} tokens exceeds the micro-batch token budget {token_budget}")
-    budget = None if layout == "padded" else token_budget  # padded budgets are checked by the DP below
-    weights = [sequence_cost(x, attention_coef) for x in lengths]
-    state = _Layout(lengths, weights, world_size, num_micro_batches, budget)
+    if row_capacity is None:
+        row_capacity = max(lengths) if lengths else 1
+    if lengths and max(lengths) > row_capacity:
+        raise ValueError(f"a sample of {max(lengths)} tokens exceeds the row capacity {row_capacity}")
+    if drawn is not None:
+        drawn = [[list(mb) for mb in rank_mbs] for rank_mbs in drawn]
+        if len(drawn) != world_size or any(len(mbs) != num_micro_batches for mbs in drawn):
+            raise ValueError(f"drawn must have {world_size} ranks x {num_micro_batches} micro-batches")
+        if sorted(p for mbs in drawn for mb in mbs for p in mb) != list(range(n)):
+            raise ValueError("drawn must place every window position exactly once")
+    elif batch_size is not None and n <= world_size * num_micro_batches * batch_size:
+        drawn = drawn_layout(n, world_size, num_micro_batches, batch_size)
+    if not cross_rank and drawn is None:
+        raise ValueError("cross_rank=False needs the drawn layout: pass drawn or batch_size")
 
-    fallback = False
-    drawn = None
+    weights = [sequence_cost(x, attention_coef) for x in lengths]
+    k = num_micro_batches
+    ctx = (lengths, weights, k, layout, attention_coef, token_budget, row_capacity)
+    candidates: list[tuple[float, int, tuple]] = []  # (slowest rank, preference, (micro, rows, loads))
+
+    def consider(arranged, preference):
+        if arranged is not None:
+            candidates.append((max(arranged[2]), preference, arranged))
+
     if cross_rank:
+        budget = None if layout == "padded" else token_budget
+        state = _Layout(lengths, weights, world_size, k, budget)
+        placed = True
         for i in sorted(range(n), key=lambda j: (-weights[j], j)):
             for r in sorted(range(world_size), key=lambda q: (state.load[q], q)):
                 m = state.roomiest_bin(r)
@@ -516,42 +564,157 @@ def plan_step(
                     state.add(i, r, m)
                     break
             else:
-                fallback = True
+                placed = False
                 break
-        if not fallback:
+        if placed:
             _improve(state, world_size, allow_moves=True, max_rounds=max_rounds or 4 * max(n, 1))
-    if not cross_rank or fallback:
-        if batch_size is None:
-            raise ValueError("batch_size is needed for cross_rank=False and for the drawn-layout fallback")
-        drawn = drawn_layout(n, world_size, num_micro_batches, batch_size)
+            consider(_arrange([state.bin_items[r] for r in range(world_size)], ctx), 0)
+        if layout == "padded":
+            consider(_padded_window_plan(world_size, ctx), 1)
+    else:
+        consider(_arrange(drawn, ctx), 0)
+    if drawn is not None:
+        consider(_as_drawn(drawn, ctx), 2)
+    if not candidates:
+        raise ValueError(
+            f"no layout of {n} samples into {world_size} x {k} micro-batches respects the budget {token_budget}; "
+            f"pass drawn or batch_size so the stock layout can be used"
+        )
+    _, preference, (micro, rows, loads) = min(candidates, key=lambda c: (c[0], c[1]))
+    return StepPlan(micro_batches=micro, rank_loads=tuple(loads), fallback=cross_rank and preference == 2,
+                    rows=rows)
 
-    micro: list[tuple[tuple[int, ...], ...]] = []
-    loads: list[float] = []
-    for r in range(world_size):
-        # The bins this rank already has: the drawn micro-batches, or the planner's (both within budget).
-        current = drawn[r] if drawn is not None else state.bin_items[r]
-        items = [i for b in current for i in b]
-        if layout == "padded":
-            bins = _padded_bins(items, lengths, num_micro_batches, attention_coef, token_budget)
-            if bins is None:  # the DP found no split within budget: keep the bins as they are
-                bins = [list(b) for b in current]
-            loads.append(sum(padded_cost([lengths[i] for i in b], attention_coef) for b in bins))
-        else:
-            bins = _rebin_rank(items, lengths, num_micro_batches, budget) or [list(b) for b in current]
+
+def _arrange(rank_bins, ctx):
+    """Arrange each rank's samples (given as its current bins, all within budget) for the layout."""
+    lengths, weights, k, layout, coef, budget, row_capacity = ctx
+    micro, rows_out, loads = [], [], []
+    for bins_now in rank_bins:
+        items = [i for b in bins_now for i in b]
+        if layout == "varlen":
+            bins = _rebin_rank(items, lengths, k, budget) or [list(b) for b in bins_now]
+            micro.append(tuple(tuple(sorted(b)) for b in bins))
             loads.append(sum(weights[i] for i in items))
-        micro.append(tuple(tuple(sorted(b)) for b in bins))
-    if drawn is None and batch_size is not None and n <= world_size * num_micro_batches * batch_size:
-        # Heuristics carry no guarantee against one particular layout: never do worse than the drawn one.
-        drawn = drawn_layout(n, world_size, num_micro_batches, batch_size)
-        if layout == "padded":
-            drawn_loads = [sum(padded_cost([lengths[i] for i in b], attention_coef) for b in drawn[r])
-                           for r in range(world_size)]
+        elif layout == "padded":
+            bins = _padded_bins(items, lengths, k, coef, budget)
+            if bins is None:
+                if any(padded_cost([lengths[i] for i in b]) > (budget or math.inf) for b in bins_now):
+                    return None
+                bins = [list(b) for b in bins_now]
+            micro.append(tuple(tuple(sorted(b)) for b in bins))
+            loads.append(sum(padded_cost([lengths[i] for i in b], coef) for b in bins))
         else:
-            drawn_loads = [sum(weights[i] for b in drawn[r] for i in b) for r in range(world_size)]
-        if max(drawn_loads) < max(loads):
-            micro = [tuple(tuple(b) for b in drawn[r]) for r in range(world_size)]
-            loads = drawn_loads
-    return StepPlan(micro_batches=tuple(micro), rank_loads=tuple(loads), fallback=fallback)
+            arranged = _rows4d_bins(items, lengths, k, coef, budget, row_capacity)
+            if arranged is None:
+                arranged = _rows_per_bin(bins_now, lengths, coef, row_capacity)
+                if budget is not None and any(len(rs) * max((sum(lengths[i] for i in r) for r in rs), default=0)
+                                              > budget for rs in arranged):
+                    return None
+            micro.append(tuple(tuple(sorted(i for r in rs for i in r)) for rs in arranged))
+            rows_out.append(tuple(tuple(tuple(r) for r in rs) for rs in arranged))
+            loads.append(sum(padded_cost([sum(lengths[i] for i in r) for r in rs], coef) for rs in arranged))
+    return tuple(micro), (tuple(rows_out) if layout == "rows4d" else None), loads
+
+
+def _as_drawn(drawn, ctx):
+    """The stock layout, costed for the layout (rows4d: each drawn micro-batch packed on its own)."""
+    lengths, weights, k, layout, coef, budget, row_capacity = ctx
+    micro = tuple(tuple(tuple(b) for b in rank_mbs) for rank_mbs in drawn)
+    if layout == "varlen":
+        return micro, None, [sum(weights[i] for b in mbs for i in b) for mbs in drawn]
+    if layout == "padded":
+        return micro, None, [sum(padded_cost([lengths[i] for i in b], coef) for b in mbs) for mbs in drawn]
+    rows = tuple(tuple(tuple(tuple(r) for r in rs) for rs in _rows_per_bin(mbs, lengths, coef, row_capacity))
+                 for mbs in drawn)
+    loads = [sum(padded_cost([sum(lengths[i] for i in r) for r in rs], coef) for rs in rank_rows)
+             for rank_rows in rows]
+    micro = tuple(tuple(tuple(sorted(i for r in rs for i in r)) for rs in rank_rows) for rank_rows in rows)
+    return micro, rows, loads
+
+
+def _rows_per_bin(bins, lengths, coef, row_capacity):
+    out = []
+    for b in bins:
+        b = list(b)
+        if not b:
+            out.append([])
+            continue
+        rows = balanced_rows([lengths[i] for i in b], row_capacity, attention_coef=coef)
+        out.append([[b[j] for j in row] for row in rows])
+    return out
+
+
+def _rows4d_bins(items, lengths, k, coef, budget, row_capacity):
+    """Pack a rank's samples into rows, then group the rows into k micro-batches (least padding)."""
+    if not items:
+        return [[] for _ in range(k)]
+    rows = balanced_rows([lengths[i] for i in items], row_capacity, attention_coef=coef)
+    rows = [[items[j] for j in row] for row in rows]
+    row_lens = [sum(lengths[i] for i in row) for row in rows]
+    g = min(k, len(rows))
+    try:
+        groups = min_padding_partition(row_lens, g, attention_coef=coef, max_group_cost=budget)
+    except ValueError:
+        return None
+    return [[rows[j] for j in grp] for grp in groups] + [[] for _ in range(k - g)]
+
+
+def _padded_window_plan(world_size, ctx):
+    """Sorted window cut into world_size*k micro-batches of near-equal padded cost, dealt to ranks.
+
+    The cut minimises the most expensive micro-batch (bisection on the cost
+    with a greedy cut, which is exact for contiguous groups whose cost only
+    grows as they extend); micro-batches then go, most expensive first, to the
+    least-loaded rank that still has a free slot.
+    """
+    lengths, weights, k, layout, coef, budget, row_capacity = ctx
+    n = len(lengths)
+    if n == 0:
+        return None
+    order = sorted(range(n), key=lambda j: (-lengths[j], j))
+    unit = [sequence_cost(lengths[j], coef) for j in order]  # one padded row of the group's longest sample
+    slots = world_size * k
+
+    def cut(limit):
+        groups, i = [], 0
+        while i < n:
+            if unit[i] > limit:
+                return None
+            j = i + 1
+            while j < n and (j + 1 - i) * unit[i] <= limit:
+                j += 1
+            groups.append((i, j))
+            i = j
+        return groups
+
+    lo = max(unit[0], sum(unit) / slots) if coef == 0 else unit[0]
+    hi = budget if budget is not None else n * unit[0]
+    if cut(hi) is None or len(cut(hi)) > slots:
+        return None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        groups = cut(mid)
+        if groups is not None and len(groups) <= slots:
+            hi = mid
+        else:
+            lo = mid
+    groups = [list(order[a:b]) for a, b in cut(hi)]
+    while len(groups) < min(slots, n):  # use every slot: split the costliest splittable group
+        costly = max((g for g in groups if len(g) > 1), key=lambda g: padded_cost([lengths[i] for i in g], coef))
+        groups.remove(costly)
+        half = len(costly) // 2
+        groups += [costly[:half], costly[half:]]
+    groups.sort(key=lambda g: (-padded_cost([lengths[i] for i in g], coef), min(g)))
+    loads = [0.0] * world_size
+    bins: list[list[list[int]]] = [[] for _ in range(world_size)]
+    for g in groups:
+        r = min((q for q in range(world_size) if len(bins[q]) < k), key=lambda q: (loads[q], q))
+        bins[r].append(g)
+        loads[r] += padded_cost([lengths[i] for i in g], coef)
+    for r in range(world_size):
+        bins[r] += [[] for _ in range(k - len(bins[r]))]
+    micro = tuple(tuple(tuple(sorted(b)) for b in bins[r]) for r in range(world_size))
+    return micro, None, loads
 
 
 def _padded_bins(items, lengths, k, attention_coef, budget):

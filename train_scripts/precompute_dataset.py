@@ -1,0 +1,157 @@
+"""Tokenize a dataset once, ahead of training, for a given model's tokenizer.
+
+    python train_scripts/precompute_dataset.py --model_name data/tiny-qwen3 --dataset data/sft \
+        --name tiny-sft --max_seq_length 1024
+    torchrun --nproc_per_node=2 train_scripts/train_configurable.py \
+        --skip_prepare --prepared_dataset_path data/precomputed/tiny-sft --max_seq_length 1024
+
+    # preference pairs (pairs, Anthropic HH or judged rollout JSONL) for DPO
+    python train_scripts/precompute_dataset.py --format preference --dataset data/preference \
+        --name tiny-pref --max_seq_length 512 --max_prompt_length 256
+
+Writes ``<output_root>/<name>/train`` and ``.../val`` (``Dataset.save_to_disk``)
+plus ``cache_metadata.json`` (tokenizer fingerprint, data fingerprints, length
+limit, formatting options, what was dropped or truncated, library versions,
+file checksums) and a ``READY`` marker, published atomically like the dataset
+cache. Only the tokenizer of ``--model_name`` is loaded, not the weights.
+
+Chat data becomes ``input_ids``/``labels`` (``--assistant_only`` masks
+everything but assistant replies); sequences longer than ``--max_seq_length``
+keep their start and records left with nothing to learn from are dropped.
+Preference data becomes ``prompt_ids``/``chosen_ids``/``rejected_ids``,
+clamped so that long prompts are cut from the left and completions fit.
+
+Training loads it with ``opensloth.utils.dataset_cache.load_prepared_dataset``,
+which refuses data made with another tokenizer or a longer length limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", default="data/tiny-qwen3", help="model folder or hub id whose tokenizer to use")
+    p.add_argument("--dataset", default="data/sft", help="file, folder or hub id (see opensloth.data.load_records)")
+    p.add_argument("--name", required=True, help="output folder name under --output_root")
+    p.add_argument("--output_root", default="data/precomputed", help="parent of the output folder")
+    p.add_argument("--format", choices=("chat", "preference"), default="chat",
+                   help="chat: messages -> input_ids/labels; preference: pairs/HH/judged -> prompt/chosen/rejected ids")
+    p.add_argument("--preference_format", choices=("auto", "pairs", "hh", "judged"), default="auto",
+                   help="input layout for --format preference")
+    p.add_argument("--train_split", default="train", help="split to tokenize for training; slicing like train[:10%%] works")
+    p.add_argument("--val_split", default="test", help="split to tokenize for evaluation ('' for none)")
+    p.add_argument("--train_samples", type=int, default=None, help="keep the first N training records")
+    p.add_argument("--val_samples", type=int, default=None, help="keep the first N evaluation records")
+    p.add_argument("--max_seq_length", type=int, default=1024, help="token budget per sequence (prompt + completion)")
+    p.add_argument("--max_prompt_length", type=int, default=None, help="preference only: token budget of the prompt")
+    p.add_argument("--assistant_only", action="store_true",
+                   help="chat only: labels only on assistant replies (needs {%% generation %%} in the chat template)")
+    p.add_argument("--num_proc", type=int, default=None, help="worker processes for tokenization")
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if an identical output already exists")
+    return p
+
+
+def _limit(ds, n):
+    return ds if n is None else ds.select(range(min(n, len(ds))))
+
+
+def _split_exists(dataset: str, split: str) -> bool:
+    from opensloth.data import DatasetSourceError, load_records
+
+    try:
+        load_records(dataset, split)
+    except DatasetSourceError:
+        return False
+    return True
+
+
+def tokenize_split(args, tokenizer, split: str, samples: int | None, label: str):
+    """Load one split and tokenize it; returns ``(raw, tokenized, report)``."""
+    from opensloth.data import load_preference_dataset, load_records, prepare_chat_dataset, tokenize_preference_dataset
+
+    if args.format == "chat":
+        raw = _limit(load_records(args.dataset, split), samples)
+        tokenized, report = prepare_chat_dataset(
+            raw, tokenizer, mode="tokens", assistant_only=args.assistant_only,
+            max_seq_length=args.max_seq_length, num_proc=args.num_proc, name=label, source=args.dataset,
+        )
+        return raw, tokenized, [report]
+    pairs, load_report = load_preference_dataset(args.dataset, split, fmt=args.preference_format)
+    raw = _limit(pairs, samples)
+    tokenized, clamp_report = tokenize_preference_dataset(
+        raw, tokenizer, max_length=args.max_seq_length, max_prompt_length=args.max_prompt_length, name=label,
+    )
+    return raw, tokenized, [load_report, clamp_report]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_seq_length < 8:
+        raise SystemExit(f"--max_seq_length {args.max_seq_length} is too small; use at least 8")
+
+    from transformers import AutoTokenizer
+
+    from opensloth.data.fingerprint import compute_cache_key, dataset_fingerprint, tokenizer_fingerprint
+    from opensloth.data.prepared import inspect_prepared, library_versions, publish_prepared
+    from opensloth.log import log_rank0
+
+    out_path = os.path.join(args.output_root, args.name)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+    start = time.perf_counter()
+
+    raw_train, train, train_reports = tokenize_split(args, tokenizer, args.train_split, args.train_samples, "train")
+    raw_val = val = None
+    val_reports = []
+    if args.val_split and _split_exists(args.dataset, args.val_split):
+        raw_val, val, val_reports = tokenize_split(args, tokenizer, args.val_split, args.val_samples, "val")
+    elif args.val_split:
+        log_rank0(f"{args.dataset} has no split {args.val_split!r}; writing train only")
+
+    formatting = {
+        "format": args.format,
+        "preference_format": args.preference_format if args.format == "preference" else None,
+        "assistant_only": args.assistant_only,
+        "max_prompt_length": args.max_prompt_length,
+        "truncation": "keep_start" if args.format == "chat" else "prompt_left",
+    }
+    tok = tokenizer_fingerprint(tokenizer)
+    key_parts = {
+        "data": {
+            "train": dataset_fingerprint(raw_train),
+            "val": dataset_fingerprint(raw_val) if raw_val is not None else None,
+        },
+        "tokenizer": tok["combined"],
+        "max_seq_length": args.max_seq_length,
+        "params": formatting,
+    }
+    key = compute_cache_key(key_parts)
+    existing = inspect_prepared(out_path, key)
+    if existing.ok and not args.overwrite:
+        log_rank0(f"{out_path} already holds this exact dataset (key {key}); nothing to do (--overwrite rebuilds)")
+        return 0
+    metadata = {
+        "cache_key": key,
+        "key_parts": key_parts,
+        "tokenizer": tok,
+        "source": {"dataset": args.dataset, "train_split": args.train_split, "val_split": args.val_split or None,
+                   "train_samples": args.train_samples, "val_samples": args.val_samples,
+                   "model_name": args.model_name},
+        "reports": [r.as_dict() for r in train_reports + val_reports],
+        "versions": library_versions(),
+        "created_by": {"script": "train_scripts/precompute_dataset.py"},
+    }
+    written = publish_prepared(out_path, {"train": train, "val": val}, metadata)
+    for report in train_reports + val_reports:
+        log_rank0(report.summary())
+    sizes = ", ".join(f"{name}: {s['rows']} rows, {s.get('num_tokens', 0)} tokens" for name, s in written["splits"].items())
+    log_rank0(f"wrote {out_path} ({sizes}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
