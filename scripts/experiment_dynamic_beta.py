@@ -346,7 +346,7 @@ def run_dpo(spec: RunSpec, ref: TinyPolicy, world: World, train: dict, heldout: 
         rec = {"step": step, "beta": beta, "loss": float(loss.detach()), "margin_mean": float(margins.detach().mean())}
         if ctrl is not None:
             out = ctrl.observe_step(margins.detach().double().tolist())[-1]
-            rec.update(p_hat=out["p_hat"], tau=out["tau"], risk_over=out["risk_over"], phase=out["phase"])
+            rec.update(p_hat=out["p_hat"], tau=out["tau"], u=out["u"], risk_over=out["risk_over"], phase=out["phase"])
         steps.append(rec)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             checkpoint(step + 1)
@@ -396,13 +396,19 @@ def sqrt_kl(kl: float) -> float:
 
 
 def add_frontier_gaps(results: list[dict]) -> None:
-    """Per seed, gold minus the fixed-beta frontier at the same sqrt(KL), for every dynamic checkpoint."""
+    """Per seed, ``frontier_gap`` = gold minus the fixed-beta frontier at the same sqrt(KL), on every checkpoint.
+
+    A dynamic run is measured against the frontier of all fixed-beta runs of its
+    seed; a fixed-beta run against the frontier of the *other* fixed betas
+    (leave one out), which shows how far from the frontier a plain run sits and
+    so gives the scale of the gaps.
+    """
     for seed in sorted({r["seed"] for r in results}):
-        pts = [(sqrt_kl(c["kl"]), c["gold"]) for r in results if r["seed"] == seed and r["group"] == "fixed"
-               for c in r["checkpoints"]]
+        fixed = [r for r in results if r["seed"] == seed and r["group"] == "fixed"]
         for r in results:
-            if r["seed"] != seed or r["group"] == "fixed":
+            if r["seed"] != seed:
                 continue
+            pts = [(sqrt_kl(c["kl"]), c["gold"]) for f in fixed if f is not r for c in f["checkpoints"]]
             for c in r["checkpoints"]:
                 c["frontier_gap"] = c["gold"] - frontier_at(pts, sqrt_kl(c["kl"]))
 
@@ -413,48 +419,81 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 TABLE_COLUMNS = [
-    # (header, key in the final checkpoint or run, format)
+    # (header, key of final_row, format)
     ("final beta", "final_beta", "{:.3g}"),
     ("KL", "kl", "{:.2f}"),
     ("sqrt KL", "sqrt_kl", "{:.2f}"),
     ("gold reward", "gold", "{:+.3f}"),
     ("length", "length", "{:.1f}"),
-    ("good frac", "good_frac", "{:.3f}"),
+    ("filler frac", "filler_frac", "{:.3f}"),
     ("acc (noisy)", "acc_noisy", "{:.3f}"),
     ("acc (gold)", "acc_gold", "{:.3f}"),
     ("peak gold", "peak_gold", "{:+.3f}"),
     ("gap @ matched KL", "frontier_gap", "{:+.3f}"),
+    ("mean gap, all ckpts", "mean_gap", "{:+.3f}"),
 ]
 
 
 def final_row(run: dict) -> dict:
+    """The final checkpoint's metrics plus final beta, sqrt(KL), peak gold and the mean frontier gap."""
     last = dict(run["checkpoints"][-1])
     last["final_beta"] = run["final_beta"]
     last["sqrt_kl"] = sqrt_kl(last["kl"])
     last["peak_gold"] = max(c["gold"] for c in run["checkpoints"])
+    gaps = [c["frontier_gap"] for c in run["checkpoints"][1:] if "frontier_gap" in c]
+    if gaps:
+        last["mean_gap"] = float(np.mean(gaps))
     return last
 
 
+def _cell(vals: list[float], fmt: str) -> str:
+    mu, sd = mean_std(vals)
+    if len(vals) == 1 or sd <= 1e-9 * max(abs(mu), 1.0):
+        return fmt.format(mu)
+    return f"{fmt.format(mu)} ± {fmt.format(sd).lstrip('+')}"
+
+
 def results_table(results: list[dict], specs: list[RunSpec], ref_stats: dict) -> str:
-    """Markdown table of the final checkpoint, mean +- std over seeds, one row per run spec."""
-    n_seeds = len({r["seed"] for r in results})
+    """Markdown table of the final checkpoint, mean ± std over seeds, one row per run spec."""
     head = "| run | group | " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
-    ref_cells = []
-    for _, key, fmt in TABLE_COLUMNS:
-        ref_cells.append(fmt.format(ref_stats[key]) if key in ref_stats else "")
+    ref_cells = [fmt.format(ref_stats[key]) if key in ref_stats else "" for _, key, fmt in TABLE_COLUMNS]
     lines.append("| reference (step 0) | - | " + " | ".join(ref_cells) + " |")
     for spec in specs:
         rows = [final_row(r) for r in results if r["name"] == spec.name]
-        cells = []
-        for _, key, fmt in TABLE_COLUMNS:
-            vals = [row[key] for row in rows if key in row]
-            if not vals:
-                cells.append("-")
-                continue
-            mu, sd = mean_std(vals)
-            cells.append(f"{fmt.format(mu)} ± {fmt.format(sd).lstrip('+')}" if n_seeds > 1 else fmt.format(mu))
+        cells = [_cell([row[key] for row in rows], fmt) if all(key in row for row in rows) else "-"
+                 for _, key, fmt in TABLE_COLUMNS]
         lines.append(f"| {spec.name} | {spec.group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def controller_table(results: list[dict], specs: list[RunSpec]) -> str:
+    """What each dynamic run's controller saw and did in its dynamic phase, mean ± std over seeds."""
+    lines = ["| run | alpha | warmup | mean p_hat | steps with u > 0 | steps with u < 0 | steps over-risk "
+             "| tau at end | final beta |", "|---|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        if spec.controller is None:
+            continue
+        stats = {k: [] for k in ("p_hat", "up", "down", "risk", "tau", "beta")}
+        for r in results:
+            if r["name"] != spec.name:
+                continue
+            dyn = [s for s in r["steps"] if s["p_hat"] is not None]
+            if not dyn:
+                continue
+            stats["p_hat"].append(float(np.mean([s["p_hat"] for s in dyn])))
+            stats["up"].append(float(np.mean([s["u"] > 0 for s in dyn])))
+            stats["down"].append(float(np.mean([s["u"] < 0 for s in dyn])))
+            stats["risk"].append(float(np.mean([bool(s["risk_over"]) for s in dyn])))
+            stats["tau"].append(r["steps"][-1]["tau"])
+            stats["beta"].append(r["final_beta"])
+        if not stats["p_hat"]:
+            lines.append(f"| {spec.name} | {spec.controller.alpha:g} | {spec.controller.warmup_steps} | "
+                         "still in warmup | | | | | |")
+            continue
+        cells = [_cell(stats["p_hat"], "{:.3f}"), _cell(stats["up"], "{:.0%}"), _cell(stats["down"], "{:.0%}"),
+                 _cell(stats["risk"], "{:.0%}"), _cell(stats["tau"], "{:.2f}"), _cell(stats["beta"], "{:.3g}")]
+        lines.append(f"| {spec.name} | {spec.controller.alpha:g} | {spec.controller.warmup_steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -463,7 +502,10 @@ def mean_curve(results: list[dict], name: str, key: str, source: str = "checkpoi
     runs = [r for r in results if r["name"] == name]
     xs = np.array([c["step"] for c in runs[0][source]])
     ys = np.array([[np.nan if c.get(key) is None else c[key] for c in r[source]] for r in runs], dtype=float)
-    return xs, np.nanmean(ys, axis=0) if not np.isnan(ys).all() else ys[0]
+    with np.errstate(invalid="ignore"):
+        counts = (~np.isnan(ys)).sum(0)
+        mean = np.where(counts > 0, np.nansum(ys, axis=0) / np.maximum(counts, 1), np.nan)
+    return xs, mean
 
 
 # --------------------------------------------------------------------------- figures
@@ -585,14 +627,14 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="outputs/dynamic_beta", help="results.json and table.md go here")
     p.add_argument("--fig_dir", default=None, help="PNG figures go here (default: --out_dir)")
     p.add_argument("--update_doc", default=None, help="markdown file whose results:begin/end block gets the new table")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, few steps, small data (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): first 2 seeds, betas 0.01/0.1/1, 120 steps, small data; the default-config dynamic runs are then still in warmup (120 steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one reference, data set and batch order per seed")
     # world
     p.add_argument("--vocab", type=int, default=16, help="content tokens")
     p.add_argument("--num_prompts", type=int, default=8, help="prompts (each with its own good set and length)")
     p.add_argument("--good_set_size", type=int, default=4, help="good tokens per prompt")
     p.add_argument("--p_good", type=float, default=0.4, help="generator: probability that a token is drawn from the good set")
-    p.add_argument("--p_filler", type=float, default=0.1, help="generator: probability of a FILLER token before each content token")
+    p.add_argument("--p_filler", type=float, default=0.15, help="generator: probability of a FILLER token before each content token")
     p.add_argument("--max_len", type=int, default=40, help="responses are cut at this many tokens")
     p.add_argument("--len_penalty", type=float, default=0.02, help="gold reward = good_frac - len_penalty * length")
     p.add_argument("--len_bonus", type=float, default=0.05, help="proxy (labels) = good_frac + len_bonus * length")
@@ -616,11 +658,12 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=50, help="optimizer steps between checkpoints")
     p.add_argument("--eval_samples", type=int, default=512, help="policy samples per checkpoint (KL, gold, length)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.seeds = args.seeds[:2] if len(args.seeds) >= 2 else args.seeds
-        args.ref_steps, args.train_pairs, args.heldout_pairs = 250, 1024, 256
-        args.steps, args.eval_every, args.eval_samples = 160, 40, 256
-        args.fast_warmup = 20
+    if args.quick:  # every size shrinks; the world, the model and the controller defaults stay
+        args.seeds = args.seeds[:2]
+        args.fixed_betas = [0.01, 0.1, 1.0]
+        args.ref_steps, args.train_pairs, args.heldout_pairs = 150, 2048, 256
+        args.steps, args.eval_every, args.eval_samples = 120, 40, 256
+        args.lr_warmup, args.fast_warmup = 20, 20
     args.fig_dir = args.fig_dir or args.out_dir
     return args
 
@@ -667,17 +710,23 @@ def main(argv=None) -> dict:
         ref_stats_all.append(results[-1]["checkpoints"][0])
 
     add_frontier_gaps(results)
-    ref_stats = {k: float(np.mean([s[k] for s in ref_stats_all])) for k in ("kl", "gold", "length", "good_frac", "acc_noisy", "acc_gold")}
+    ref_stats = {k: float(np.mean([s[k] for s in ref_stats_all]))
+                 for k in ("kl", "gold", "length", "filler_frac", "acc_noisy", "acc_gold")}
     ref_stats.update(sqrt_kl=0.0, peak_gold=ref_stats["gold"])
-    table = results_table(results, specs, ref_stats)
     elapsed = time.time() - t0
-    header = (f"Final checkpoint (step {args.steps}), mean ± std over seeds {args.seeds}; "
-              f"'gap @ matched KL' = gold minus the fixed-beta frontier at the same sqrt(KL) (per seed). "
-              f"Wall time {elapsed:.0f}s.")
-    print("\n" + header + "\n\n" + table)
+    report = "\n\n".join([
+        f"Final checkpoint (step {args.steps}), mean ± std over seeds {args.seeds}. 'gap @ matched KL': gold "
+        "minus the fixed-beta frontier at the same sqrt(KL), per seed (fixed rows: frontier of the other fixed "
+        "betas); 'mean gap, all ckpts': the same averaged over every checkpoint after step 0.",
+        results_table(results, specs, ref_stats),
+        "Controller, dynamic phase only (u > 0 raises beta, u < 0 lowers it):",
+        controller_table(results, specs),
+        f"Wall time {elapsed:.0f}s (`{' '.join(['python', 'scripts/experiment_dynamic_beta.py', *(argv or [])])}`).",
+    ])
+    print("\n" + report)
 
     with open(os.path.join(args.out_dir, "table.md"), "w") as fh:
-        fh.write(header + "\n\n" + table + "\n")
+        fh.write(report + "\n")
     with open(os.path.join(args.out_dir, "results.json"), "w") as fh:
         json.dump({"args": vars(args), "world": asdict(world), "elapsed_s": elapsed,
                    "specs": [{"name": s.name, "group": s.group, "beta": s.beta,
@@ -687,9 +736,9 @@ def main(argv=None) -> dict:
             plot_traces(results, specs, args, os.path.join(args.fig_dir, "dynamic_beta_traces.png")),
             plot_training(results, specs, args, os.path.join(args.fig_dir, "dynamic_beta_training.png"))]
     if args.update_doc:
-        update_doc(args.update_doc, header + "\n\n" + table)
+        update_doc(args.update_doc, report)
     print("wrote", os.path.join(args.out_dir, "results.json"), os.path.join(args.out_dir, "table.md"), *figs)
-    return {"results": results, "table": table, "elapsed_s": elapsed}
+    return {"results": results, "report": report, "elapsed_s": elapsed}
 
 
 def evaluate_generator(world: World, n: int, seed: int) -> dict:

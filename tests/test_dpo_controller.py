@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
+from conftest import REPO
 
 from opensloth.dpo.controller import (
     DynamicBetaConfig,
@@ -24,9 +24,6 @@ from opensloth.dpo.controller import (
     risk_test,
     update_beta,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -257,7 +254,7 @@ def test_import_opensloth_dpo_is_light():
 def _script_parser():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_dpo_script", os.path.join(REPO, "train_scripts", "train_dpo.py"))
+    spec = importlib.util.spec_from_file_location("train_dpo_script", REPO / "train_scripts" / "train_dpo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build_parser()
@@ -290,7 +287,7 @@ def test_example_config_parses():
     from opensloth.dpo.run import resolve_settings
 
     settings, dyn = resolve_settings(_script_parser().parse_args(
-        ["--config", os.path.join(REPO, "examples", "config_dpo.yaml")]))
+        ["--config", str(REPO / "examples" / "config_dpo.yaml")]))
     assert settings.beta_mode == "dynamic" and dyn.risk_rule == "hoeffding_deadband"
 
 

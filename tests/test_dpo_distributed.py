@@ -16,39 +16,29 @@ beta, tau and p_hat on both ranks.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import PREF_DATA, REPO, TINY_MODEL, clean_env, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "train_scripts", "train_dpo.py")
+SCRIPT = str(REPO / "train_scripts" / "train_dpo.py")
 COMMON = [
     "--backend", "auto", "--dtype", "float32", "--max_steps", "6", "--per_device_batch_size", "4",
     "--max_seq_length", "64", "--train_samples", "64", "--save_steps", "3", "--learning_rate", "1e-2",
     "--dynamic_beta.warmup_steps", "2", "--dynamic_beta.alpha", "0.5", "--dynamic_beta.risk_rule", "zscore",
 ]
 
-if not (os.path.isdir(os.path.join(REPO, "data", "tiny-qwen3")) and os.path.isdir(os.path.join(REPO, "data", "preference"))):
+if not (TINY_MODEL.is_dir() and PREF_DATA.is_dir()):
     pytest.skip("embedded tiny model / preference data missing", allow_module_level=True)
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _launch(args, nproc: int, log_path):
-    if nproc == 1:
-        cmd = [sys.executable, SCRIPT, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    """Start the script (torchrun for nproc > 1) in the background; two launches share the 2 cores."""
+    return subprocess.Popen(torchrun_cmd(nproc, SCRIPT, *args), cwd=REPO, env=clean_env(TQDM_DISABLE=1),
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
 def _wait(proc, log_path, timeout=600):
@@ -127,6 +117,6 @@ def test_resumed_run_continues_the_same_beta_trajectory(runs):
 
 def test_plot_margins_renders_a_png(runs, tmp_path):
     out = tmp_path / "m.png"
-    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "plot_margins.py"), str(runs["resumed"]),
+    subprocess.run([sys.executable, str(REPO / "scripts" / "plot_margins.py"), str(runs["resumed"]),
                     "--out", str(out)], check=True, cwd=REPO)
     assert out.stat().st_size > 10_000

@@ -15,12 +15,12 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
+from conftest import PREF_DATA, TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(REPO, "data", "tiny-qwen3")
-DATA = os.path.join(REPO, "data", "preference", "train.jsonl")
+MODEL = str(TINY_MODEL)
+DATA = str(PREF_DATA / "train.jsonl")
 MAX_LEN = 96
 STEPS = 4
 

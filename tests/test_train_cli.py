@@ -74,3 +74,35 @@ def test_local_copy_of_model_and_dataset(tmp_path):
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert [r["step"] for r in state["log_history"] if "loss" in r] == [1, 2]
     assert list((run_dir / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+@pytest.mark.slow
+def test_precomputed_dataset_trains_and_refuses_other_tokenizer(tmp_path):
+    """precompute_dataset.py -> --skip_prepare trains; another tokenizer is one clear error."""
+    import shutil
+
+    out = tmp_path / "precomputed"
+    proc = run(["python", "train_scripts/precompute_dataset.py", "--model_name", "data/tiny-qwen3",
+                "--dataset", "data/sft", "--name", "tiny", "--max_seq_length", "512", "--output_root", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "tiny" / "train").is_dir() and (out / "tiny" / "cache_metadata.json").exists()
+    proc = run(["python", SCRIPT, "--backend", "hf", "--skip_prepare", "--prepared_dataset_path", str(out / "tiny"),
+                "--max_seq_length", "512", "--max_steps", "2", "--per_device_batch_size", "4",
+                "--output_dir", str(tmp_path / "runs"), "--experiment_name", "pre"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "pre_ws1" / "adapter_model.safetensors").exists()
+
+    # Same weights, a tokenizer with one extra special token: a different vocabulary.
+    other = tmp_path / "other-model"
+    shutil.copytree(REPO / "data" / "tiny-qwen3", other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config.setdefault("extra_special_tokens", {})
+    tok_json = json.loads((other / "tokenizer.json").read_text())
+    tok_json["added_tokens"].append({"id": max(t["id"] for t in tok_json["added_tokens"]) + 1,
+                                     "content": "<|opensloth_test|>", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
+    (other / "tokenizer.json").write_text(json.dumps(tok_json))
+    proc = run(["python", SCRIPT, "--backend", "hf", "--model_name", str(other), "--skip_prepare",
+                "--prepared_dataset_path", str(out / "tiny"), "--max_seq_length", "512", "--max_steps", "1",
+                "--output_dir", str(tmp_path / "runs")])
+    _one_error_line(proc, "tokenizer")

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_samples", type=int, default=None, help="use the first N training records")
     p.add_argument("--test_samples", type=int, default=0, help="evaluate on the first N test records (0: no eval)")
     p.add_argument("--eval_steps", type=int, default=None, help="evaluate every N steps (default: --logging_steps x 5)")
+    p.add_argument("--eval_batch_size", type=int, default=None,
+                   help="per-device eval batch (default: the train one); 1 makes eval_loss independent of the "
+                        "world size, since Trainer averages per-batch means")
     p.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (linear decay)")
     p.add_argument("--warmup_steps", type=int, default=0, help="linear warmup steps")
     p.add_argument("--per_device_batch_size", type=int, default=None, help="micro-batch per rank (default 8)")
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir=run_dir, per_device_batch_size=per_device, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, num_epochs=args.num_epochs,
         max_steps=args.max_steps, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
+        eval_batch_size=args.eval_batch_size,
         save_steps=args.save_steps, seed=args.seed, max_seq_length=args.max_seq_length,
         backend=backend, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         gradient_checkpointing=not args.no_gradient_checkpointing,

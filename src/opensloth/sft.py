@@ -25,6 +25,7 @@ class SFTRunSettings:
     max_steps: int = -1
     logging_steps: int = 1
     eval_steps: int | None = None
+    eval_batch_size: int | None = None
     save_steps: int = 0
     seed: int = 3407
     max_seq_length: int = 1024
@@ -103,7 +104,7 @@ def make_sft_config(settings: SFTRunSettings, world_size: int, has_eval: bool, d
     return SFTConfig(
         output_dir=settings.run_dir,
         per_device_train_batch_size=settings.per_device_batch_size,
-        per_device_eval_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size or settings.per_device_batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="linear",

@@ -31,12 +31,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from opensloth.data.fingerprint import COMPARED_TOKENIZER_PARTS, tokenizer_fingerprint
+from opensloth.errors import UserInputError
 
 METADATA_FILE = "cache_metadata.json"
 READY_FILE = "READY"
 TRAIN_DIR = "train"
 VAL_DIR = "val"
 VERIFY_MODES = ("checksum", "size")
+
+from opensloth.errors import UserInputError
 
 __all__ = [
     "METADATA_FILE",
@@ -53,8 +56,8 @@ __all__ = [
 ]
 
 
-class PreparedDatasetError(RuntimeError):
-    """A prepared dataset folder is missing, incomplete or corrupt."""
+class PreparedDatasetError(UserInputError):
+    """A prepared dataset folder is missing, incomplete or corrupt (scripts print it as one line)."""
 
 
 class PreparedDatasetMismatchError(PreparedDatasetError):

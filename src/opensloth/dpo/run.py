@@ -47,6 +47,9 @@ class DPORunSettings:
     grad_accum: int = _f(1, "gradient accumulation steps")
     logging_steps: int = _f(1, "log every N optimizer steps")
     eval_steps: int | None = _f(None, "evaluate every N steps (default: --logging_steps x 5)", type=int)
+    eval_batch_size: int | None = _f(
+        None, "per-device eval batch (default: the train one); 1 makes eval_loss independent of the world size "
+        "(Trainer averages per-batch means)", type=int)
     save_steps: int = _f(0, "save a checkpoint every N steps (0: only the final adapter)")
     seed: int = _f(3407, "seed of LoRA init and data order (same on every rank)")
     beta_mode: str = _f("dynamic", "fixed: stock TRL beta; dynamic: opensloth's dynamic-beta controller", choices=BETA_MODES)
@@ -99,6 +102,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") 
         default_note = f" (default: {f.default})"
         help_text = (f.metadata.get("help", "") + default_note).replace("%", "%%")  # argparse formats help with %
         kwargs = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        if not isinstance(f.default, bool):
+            kwargs["metavar"] = f.name.upper()
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", **kwargs)
             continue
@@ -191,7 +196,7 @@ def make_dpo_config(settings: DPORunSettings, dynamic: DynamicBetaConfig, *, run
     return DPOConfig(
         output_dir=run_dir,
         per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=per_device,
+        per_device_eval_batch_size=settings.eval_batch_size or per_device,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
         lr_scheduler_type="linear",

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Do N ranks train like 1? Runs the world-size matrix on the embedded default with a
+# fixed global batch, for SFT and for DPO with dynamic beta:
+#
+#   1 process, no patches (the reference) | 2 ranks, patches | 4 ranks, patches | 4 ranks, no patches
+#
+# then prints the max deviation of every curve from the 1-process one and each run's
+# wall-clock, draws all curves into one PNG, and exits 1 if a curve deviates beyond
+# the tolerance.
+#
+#   bash scripts/sanity_check_training.sh                     # CPU: gloo, ~10 minutes on 2 cores
+#   STEPS=40 TASKS="sft" bash scripts/sanity_check_training.sh
+#
+# On a CUDA machine it uses the GPUs it finds (rows needing more ranks than GPUs are
+# skipped) in bfloat16, with a looser default tolerance.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+OUT=${OUT:-outputs/sanity}
+PNG=${PNG:-$OUT/sanity_check.png}
+STEPS=${STEPS:-16}
+GLOBAL_BATCH=${GLOBAL_BATCH:-16}
+TASKS=${TASKS:-"sft dpo"}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  MAX_RANKS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  DTYPE=bfloat16; TOL=${TOL:-5e-2}
+else
+  MAX_RANKS=4; DTYPE=float32; TOL=${TOL:-1e-3}
+fi
+
+rm -rf "$OUT"; mkdir -p "$OUT"
+: > "$OUT/walltimes.tsv"
+run() {  # task nproc label extra-args...
+  local task=$1 nproc=$2 label=$3; shift 3
+  if [ "$nproc" -gt "$MAX_RANKS" ]; then echo "skip $task $label ws$nproc: only $MAX_RANKS device(s)"; return; fi
+  local script=train_scripts/train_configurable.py common=()
+  if [ "$task" = dpo ]; then
+    script=train_scripts/train_dpo.py
+    common=(--beta_mode dynamic --dynamic_beta.warmup_steps 4 --dynamic_beta.alpha 0.05 --max_seq_length 384)
+  else
+    common=(--max_seq_length 512)
+  fi
+  local launcher=("$PY" "$script")
+  [ "$nproc" -gt 1 ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$script")
+  echo "== $task $label on $nproc rank(s)"
+  local start end
+  start=$(date +%s%N)
+  "${launcher[@]}" "${common[@]}" --dtype "$DTYPE" --max_steps "$STEPS" --global_batch_size "$GLOBAL_BATCH" \
+    --learning_rate 1e-3 --logging_steps 1 --test_samples 32 --eval_steps 4 --eval_batch_size 1 --seed 7 \
+    --output_dir "$OUT" --experiment_name "${task}_${label}" "$@" > "$OUT/${task}_${label}_ws${nproc}.log" 2>&1 \
+    || { echo "run failed: see $OUT/${task}_${label}_ws${nproc}.log"; tail -20 "$OUT/${task}_${label}_ws${nproc}.log"; exit 1; }
+  end=$(date +%s%N)
+  printf '%s\t%s\n' "${task}_${label}_ws${nproc}" "$(( (end - start) / 1000000 ))" >> "$OUT/walltimes.tsv"
+}
+
+for task in $TASKS; do
+  run "$task" 1 plain --no_patches
+  run "$task" 2 patched
+  run "$task" 4 patched
+  run "$task" 4 plain --no_patches
+done
+"$PY" scripts/sanity_report.py --root "$OUT" --tasks $TASKS --tolerance "$TOL" --png "$PNG"

@@ -1,0 +1,121 @@
+"""One DPO round of the loop: judged pairs in, the continued LoRA adapter out.
+
+Built from the same helpers as ``train_scripts/train_dpo.py``
+(:mod:`opensloth.dpo.run`: ``make_dpo_config``, ``dpo_trainer_class``,
+``build_dpo_trainer``, ``write_settings``; the dynamic-beta controller of
+:mod:`opensloth.dpo.trainer`). What differs from that script is the model:
+the loop passes in the policy it has just generated with (SFT weights plus
+the previous iteration's adapter), and the reference is forced to be the
+adapter-disabled model, i.e. the SFT policy (see :mod:`opensloth.oak`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from opensloth.log import log_rank0
+
+
+def pairs_to_dataset(pairs: list[dict], conversational: bool):
+    """A ``datasets.Dataset`` of ``prompt``/``chosen``/``rejected`` for TRL.
+
+    With ``conversational`` the prompt becomes one user message and each reply
+    one assistant message, so TRL applies the chat template exactly as the
+    rollout did; otherwise the strings pass through unchanged.
+    """
+    import datasets
+
+    if conversational:
+        rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    else:
+        rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    return datasets.Dataset.from_list(rows)
+
+
+def use_sft_as_reference(trainer) -> str:
+    """Make the DPO reference the adapter-disabled model (the merged SFT weights).
+
+    :func:`opensloth.dpo.reference.use_base_model_as_reference` removes TRL's
+    ``"ref"`` copy of a fresh adapter; for a continued adapter it keeps the
+    copy (the right reference when re-training an adapter from its own start).
+    The loop wants the SFT policy in every round, so that copy is removed too.
+
+    Returns what was done: ``"no_ref_adapter"``, ``"deleted_ref_adapter"`` or
+    ``"deleted_ref_adapter_of_continued_policy"``.
+    """
+    from opensloth.dpo.reference import REF_ADAPTER, use_base_model_as_reference
+
+    status = use_base_model_as_reference(trainer)
+    if status == "kept_ref_adapter":
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.delete_adapter(REF_ADAPTER)
+        status = "deleted_ref_adapter_of_continued_policy"
+        log_rank0("OaK reference: removed TRL's 'ref' copy of the continued adapter; reference log-probs use the "
+                  "adapter-disabled model = the SFT policy")
+    if status == "not_peft":
+        raise ValueError("the OaK loop trains a LoRA adapter; the policy passed to the DPO round is not a PEFT model")
+    return status
+
+
+def run_dpo_round(model, tokenizer, pairs: list[dict], settings, dynamic_cfg, *, run_dir: str, env,
+                  backend: str) -> dict:
+    """Train ``model``'s adapter on ``pairs`` for one round and save it to ``run_dir``.
+
+    Args:
+        model, tokenizer: the policy (PEFT model) and its tokenizer, identical on every rank.
+        pairs: best-vs-worst pairs (identical on every rank).
+        settings: this round's :class:`opensloth.dpo.run.DPORunSettings` (a fresh copy).
+        dynamic_cfg: :class:`opensloth.dpo.controller.DynamicBetaConfig` (a fresh controller per round).
+        run_dir: ``<output>/dpo/iter_<k>``: adapter, tokenizer, ``trainer_state.json``,
+            ``opensloth_dpo_settings.json`` and, with dynamic beta, the margins log and controller state.
+
+    Returns:
+        ``{"steps", "train_loss", "final_beta", "reference", "seconds", "pairs"}``.
+    """
+    import os
+
+    from opensloth.dpo.run import build_dpo_trainer, dpo_trainer_class, make_dpo_config, write_settings
+    from opensloth.rollout.generate import has_chat_template
+    from opensloth.training import resolve_per_device_batch
+
+    dynamic = settings.beta_mode == "dynamic"
+    per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
+                                          settings.grad_accum, env.world_size)
+    train_ds = pairs_to_dataset(pairs, has_chat_template(tokenizer))
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config = make_dpo_config(settings, dynamic_cfg, run_dir=run_dir, per_device=per_device,
+                             world_size=env.world_size, backend=backend, dtype=dtype_name, has_eval=False)
+    trainer_cls = dpo_trainer_class(dynamic=dynamic, backend=backend)
+    trainer = build_dpo_trainer(trainer_cls, model, tokenizer, train_ds, None, config,
+                                left_truncate_to=None if settings.no_patches else settings.max_seq_length)
+    reference = use_sft_as_reference(trainer)
+    runtime = None
+    if dynamic:
+        from opensloth.dpo.trainer import attach_dynamic_beta
+
+        runtime = attach_dynamic_beta(trainer, dynamic_cfg,
+                                      margins_log_path=os.path.join(run_dir, "logs", "margins", "margins.jsonl"))
+    if env.is_main:
+        write_settings(run_dir, settings, dynamic_cfg)
+    log_rank0(f"DPO round: {len(pairs)} pairs, {per_device} per device x {settings.grad_accum} accum x "
+              f"{env.world_size} rank(s), beta_mode={settings.beta_mode}, run dir {run_dir}")
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(run_dir)
+        tokenizer.save_pretrained(run_dir)
+        if runtime is not None:
+            runtime.save(run_dir)
+    losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
+    return {
+        "pairs": len(pairs),
+        "steps": trainer.state.global_step,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "final_beta": runtime.beta if runtime is not None else settings.beta,
+        "reference": reference,
+        "seconds": round(seconds, 3),
+    }
