@@ -1,47 +1,53 @@
 """Controlled over-optimisation experiment: fixed-beta vs dynamic-beta DPO on a toy policy (CPU).
 
     nice python scripts/experiment_dynamic_beta.py --out_dir outputs/dynamic_beta \
-        --fig_dir docs/img --update_doc docs/dynamic_beta.md          # full run, ~5 min on 2 cores
+        --fig_dir docs/img --update_doc docs/dynamic_beta.md                 # full run, ~4-6 min on 2 cores
     python scripts/experiment_dynamic_beta.py --quick --out_dir /tmp/dynamic_beta_quick   # smoke run, < 1 min
 
-What it does, top to bottom:
+What it does, top to bottom (docs/dynamic_beta.md has the results and what they show):
 
 1. World. ``num_prompts`` prompts; each has a set of "good" tokens and a mean
-   response length. A known stochastic generator writes responses: length
-   ``2 + Poisson(mean_len[p])``, each token good with probability ``p_good``
-   (uniform over the prompt's good set), otherwise uniform over the vocabulary.
-   Gold reward ``= good_fraction - len_penalty * length``.
+   response length. A known stochastic generator writes responses:
+   ``2 + Poisson(mean_len[p])`` content tokens, each from the prompt's good
+   set with probability ``p_good`` and otherwise uniform, with a FILLER token
+   before each content token with probability ``p_filler`` (repeatedly).
+   Gold reward ``= good tokens / all tokens - len_penalty * length``.
 2. Reference. A tiny prompt-conditioned GRU is trained from scratch (maximum
-   likelihood) on generator samples.
+   likelihood) on fresh generator samples.
 3. Preferences. Pairs of responses are sampled from the reference and labelled
-   by a length-biased proxy, ``good_fraction + len_bonus * length``, with
-   Bradley-Terry label noise (``P(a > b) = sigmoid((proxy_a - proxy_b) / label_temp)``).
-   The labels reward length; the gold reward penalises it.
+   by a length-biased proxy that is blind to FILLER,
+   ``good tokens / content tokens + len_bonus * length``, with Bradley-Terry
+   label noise: ``P(a > b) = sigmoid((proxy_a - proxy_b) / label_temp)``.
+   The labels reward length (and so filler); the gold reward penalises both.
 4. DPO. The policy starts as a copy of the reference and minimises
-   ``-log sigmoid(beta * M)``, ``M = (logp_w - logp_l) - (ref_w - ref_l)``, with
-   the same optimiser, learning rate, batch order and number of steps in every
-   run. Fixed-beta runs sweep ``--fixed_betas``. Dynamic runs take beta from
+   ``-log sigmoid(beta * M)``, ``M = (logp_w - logp_l) - (ref_w - ref_l)``
+   (sums over the response tokens and EOS), with the same optimiser, learning
+   rate schedule, batch order and number of steps in every run. Fixed-beta
+   runs sweep ``--fixed_betas``. Dynamic runs take beta from
    :class:`opensloth.dpo.controller.DynamicBetaController`, fed the step's batch
-   margins once per optimiser step, for every rule in ``RISK_RULES``, first
-   with the controller defaults ("default": the no-tuning setting) and then with
-   a faster, clearly labelled variant (``--fast_alpha``, ``--fast_warmup``).
+   margins once per optimiser step (beta for step t+1 comes from step t), for
+   every rule in ``RISK_RULES``: first with the shipped defaults ("dynamic
+   (default)", the no-tuning setting), then a clearly labelled faster variant
+   ("dynamic (fast)": ``--fast_alpha``, ``--fast_warmup``, all else default).
+   Fixed runs carry a shadow controller (defaults, alpha = 0) that records
+   p_hat, tau and u without ever touching beta.
 5. Checkpoints (every ``--eval_every`` steps): held-out preference accuracy
    against the noisy labels and the gold labels, Monte-Carlo KL(policy || ref)
-   from policy samples, gold reward and mean length of those samples; every
-   step: beta, and for dynamic runs p_hat and tau.
-6. Output in ``--out_dir``: ``results.json`` (all histories), ``table.md``
-   (final numbers, mean +- std over seeds, and the gap to the fixed-beta
-   frontier at matched KL); figures in ``--fig_dir``:
+   from ``--eval_samples`` policy samples, gold reward, length and filler share
+   of those samples; every step: beta, p_hat, tau, u.
+6. Output in ``--out_dir``: ``results.json`` (all histories) and ``table.md``
+   (final numbers, mean ± std over seeds, the gap to the fixed-beta frontier
+   at matched KL, controller statistics). Figures in ``--fig_dir``:
    ``dynamic_beta_frontier.png`` (gold reward and length against sqrt(KL)),
    ``dynamic_beta_traces.png`` (beta, p_hat, tau), ``dynamic_beta_training.png``
-   (metrics against step). ``--update_doc`` rewrites the block between the
-   ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers of a markdown
-   file with the new table.
+   (metrics against step). ``--update_doc`` rewrites the block between
+   ``<!-- results:begin -->`` and ``<!-- results:end -->`` of a markdown file.
 
-Deterministic given ``--seeds``: one torch thread, seeded generators, the
-controller is pure Python. Within a seed every run shares the reference, the
-pairs, the batch order and the evaluation samples' random numbers, so the
-comparisons between runs are paired.
+Deterministic given ``--seeds``: one torch thread, deterministic algorithms,
+seeded generators; the controller is pure Python. The task (good sets, lengths)
+is fixed; a seed picks the reference, the pairs, the batch order and the
+evaluation samples, and all runs of a seed share them, so comparisons within a
+seed are paired.
 """
 
 from __future__ import annotations
@@ -74,13 +80,13 @@ FILLER = 1  # a content-free token: never good, only adds length (the cheap way 
 class World:
     """The known generator and the two reward functions."""
 
-    vocab: int  # content tokens 1..vocab
+    vocab: int  # tokens 1..vocab: FILLER, then the content tokens
     num_prompts: int
     good_sets: tuple  # per prompt, a tuple of good token ids
     mean_len: tuple  # per prompt, mean of the Poisson part of the length
     p_good: float
     p_filler: float
-    max_len: int  # responses are cut at this many content tokens
+    max_len: int  # responses are cut at this many tokens
     len_penalty: float  # gold reward: - len_penalty * length
     len_bonus: float  # proxy reward: + len_bonus * length
     label_temp: float  # Bradley-Terry temperature of the noisy labels
@@ -295,6 +301,14 @@ def evaluate(policy: TinyPolicy, ref: TinyPolicy, world: World, heldout: dict, n
     }
 
 
+def evaluate_generator(world: World, n: int, seed: int) -> dict:
+    """Gold reward and length of the known generator's own samples (what the reference imitates)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.arange(n) % world.num_prompts
+    tokens, lengths = generator_sample(world, prompts, gen)
+    return {"gold": float(gold_reward(world, prompts, tokens, lengths).mean()), "length": float(lengths.double().mean())}
+
+
 # --------------------------------------------------------------------------- one DPO run
 
 
@@ -320,6 +334,9 @@ def run_dpo(spec: RunSpec, ref: TinyPolicy, world: World, train: dict, heldout: 
     # (whatever its beta) through the same transient before beta matters.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / max(args.lr_warmup, 1)))
     ctrl = DynamicBetaController(spec.controller) if spec.controller is not None else None
+    # Fixed-beta runs carry a shadow controller (defaults, alpha = 0: it never moves beta) so that
+    # the statistics a controller would act on (p_hat, tau, u) can be compared across the sweep.
+    shadow = DynamicBetaController(replace(DynamicBetaConfig(), alpha=0.0)) if ctrl is None else None
     order_gen = torch.Generator().manual_seed(seed + 7)  # same batch order for every run of a seed
     n_train = train["prompts"].numel()
     perm, cursor = torch.randperm(n_train, generator=order_gen), 0
@@ -344,9 +361,8 @@ def run_dpo(spec: RunSpec, ref: TinyPolicy, world: World, train: dict, heldout: 
         opt.step()
         sched.step()
         rec = {"step": step, "beta": beta, "loss": float(loss.detach()), "margin_mean": float(margins.detach().mean())}
-        if ctrl is not None:
-            out = ctrl.observe_step(margins.detach().double().tolist())[-1]
-            rec.update(p_hat=out["p_hat"], tau=out["tau"], u=out["u"], risk_over=out["risk_over"], phase=out["phase"])
+        out = (ctrl if ctrl is not None else shadow).observe_step(margins.detach().double().tolist())[-1]
+        rec.update(p_hat=out["p_hat"], tau=out["tau"], u=out["u"], risk_over=out["risk_over"], phase=out["phase"])
         steps.append(rec)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             checkpoint(step + 1)
@@ -357,14 +373,19 @@ def run_dpo(spec: RunSpec, ref: TinyPolicy, world: World, train: dict, heldout: 
 
 
 def run_specs(args) -> list[RunSpec]:
-    """Fixed-beta sweep, then every risk rule with the controller defaults, then the fast variant."""
+    """Fixed-beta sweep; every risk rule with the controller defaults; the fast variant; both again from a low beta_0."""
     specs = [RunSpec(f"fixed beta={b:g}", "fixed", beta=b) for b in args.fixed_betas]
     default = DynamicBetaConfig()  # headline "without tuning" setting: the shipped defaults, beta_0 included
     fast = replace(default, alpha=args.fast_alpha, warmup_steps=args.fast_warmup)
-    for rule in RISK_RULES:
-        specs.append(RunSpec(f"dynamic {rule}", "dynamic (default)", controller=replace(default, risk_rule=rule)))
-    for rule in RISK_RULES:
-        specs.append(RunSpec(f"dynamic-fast {rule}", "dynamic (fast)", controller=replace(fast, risk_rule=rule)))
+    variants = [("dynamic", "dynamic (default)", default), ("dynamic-fast", "dynamic (fast)", fast)]
+    if args.low_beta_0 > 0:
+        # Same controllers started where a fixed beta over-optimises: can they pull back?
+        tag = f"beta_0={args.low_beta_0:g}"
+        variants += [(f"dynamic {tag}", f"dynamic (default, {tag})", replace(default, beta_0=args.low_beta_0)),
+                     (f"dynamic-fast {tag}", f"dynamic (fast, {tag})", replace(fast, beta_0=args.low_beta_0))]
+    for prefix, group, cfg in variants:
+        for rule in RISK_RULES:
+            specs.append(RunSpec(f"{prefix} {rule}", group, controller=replace(cfg, risk_rule=rule)))
     return specs
 
 
@@ -430,20 +451,32 @@ TABLE_COLUMNS = [
     ("acc (gold)", "acc_gold", "{:.3f}"),
     ("peak gold", "peak_gold", "{:+.3f}"),
     ("gap @ matched KL", "frontier_gap", "{:+.3f}"),
-    ("mean gap, all ckpts", "mean_gap", "{:+.3f}"),
+    ("gold - gold(fixed beta_0)", "gold_vs_beta0", "{:+.3f}"),
 ]
 
 
 def final_row(run: dict) -> dict:
-    """The final checkpoint's metrics plus final beta, sqrt(KL), peak gold and the mean frontier gap."""
+    """The final checkpoint's metrics plus final beta, sqrt(KL) and peak gold (and ``gold_vs_beta0`` if set)."""
     last = dict(run["checkpoints"][-1])
     last["final_beta"] = run["final_beta"]
     last["sqrt_kl"] = sqrt_kl(last["kl"])
     last["peak_gold"] = max(c["gold"] for c in run["checkpoints"])
-    gaps = [c["frontier_gap"] for c in run["checkpoints"][1:] if "frontier_gap" in c]
-    if gaps:
-        last["mean_gap"] = float(np.mean(gaps))
+    if "gold_vs_beta0" in run:
+        last["gold_vs_beta0"] = run["gold_vs_beta0"]
     return last
+
+
+def add_gold_vs_beta0(results: list[dict], specs: list[RunSpec]) -> None:
+    """``gold_vs_beta0``: final gold minus that of the fixed run at the run's beta_0, same seed (paired).
+
+    A dynamic run is compared with the fixed run at its own ``beta_0``; a fixed run with
+    the one at the default ``beta_0``. Runs whose ``beta_0`` is not in the sweep get none.
+    """
+    start = {s.name: (s.controller or DynamicBetaConfig()).beta_0 for s in specs}
+    for r in results:
+        base = [f for f in results if f["seed"] == r["seed"] and f["group"] == "fixed" and f["final_beta"] == start[r["name"]]]
+        if base:
+            r["gold_vs_beta0"] = r["checkpoints"][-1]["gold"] - base[0]["checkpoints"][-1]["gold"]
 
 
 def _cell(vals: list[float], fmt: str) -> str:
@@ -468,32 +501,36 @@ def results_table(results: list[dict], specs: list[RunSpec], ref_stats: dict) ->
 
 
 def controller_table(results: list[dict], specs: list[RunSpec]) -> str:
-    """What each dynamic run's controller saw and did in its dynamic phase, mean ± std over seeds."""
-    lines = ["| run | alpha | warmup | mean p_hat | steps with u > 0 | steps with u < 0 | steps over-risk "
-             "| tau at end | final beta |", "|---|---|---|---|---|---|---|---|---|"]
+    """What each run's controller saw and did after warmup, mean ± std over seeds.
+
+    Fixed-beta rows come from their shadow controller (default config, alpha = 0):
+    the statistics a controller would have acted on, with beta left alone.
+    """
+    delta = DynamicBetaConfig().delta
+    lines = [f"| run | alpha | warmup | mean p_hat | steps with p_hat > delta ({delta:g}) | steps with u > 0 "
+             "| steps with u < 0 | steps over-risk | tau at end | final beta |", "|---|" + "---|" * 9]
     for spec in specs:
-        if spec.controller is None:
-            continue
-        stats = {k: [] for k in ("p_hat", "up", "down", "risk", "tau", "beta")}
+        cfg = spec.controller or replace(DynamicBetaConfig(), alpha=0.0)
+        label = spec.name if spec.controller is not None else f"{spec.name} (shadow)"
+        stats = {k: [] for k in ("p_hat", "above", "up", "down", "risk", "tau", "beta")}
         for r in results:
-            if r["name"] != spec.name:
-                continue
-            dyn = [s for s in r["steps"] if s["p_hat"] is not None]
+            dyn = [s for s in r["steps"] if s.get("p_hat") is not None] if r["name"] == spec.name else []
             if not dyn:
                 continue
             stats["p_hat"].append(float(np.mean([s["p_hat"] for s in dyn])))
+            stats["above"].append(float(np.mean([s["p_hat"] > delta for s in dyn])))
             stats["up"].append(float(np.mean([s["u"] > 0 for s in dyn])))
             stats["down"].append(float(np.mean([s["u"] < 0 for s in dyn])))
             stats["risk"].append(float(np.mean([bool(s["risk_over"]) for s in dyn])))
             stats["tau"].append(r["steps"][-1]["tau"])
             stats["beta"].append(r["final_beta"])
+        head = f"| {label} | {cfg.alpha:g} | {cfg.warmup_steps} | "
         if not stats["p_hat"]:
-            lines.append(f"| {spec.name} | {spec.controller.alpha:g} | {spec.controller.warmup_steps} | "
-                         "still in warmup | | | | | |")
+            lines.append(head + "still in warmup |" + " |" * 6)
             continue
-        cells = [_cell(stats["p_hat"], "{:.3f}"), _cell(stats["up"], "{:.0%}"), _cell(stats["down"], "{:.0%}"),
-                 _cell(stats["risk"], "{:.0%}"), _cell(stats["tau"], "{:.2f}"), _cell(stats["beta"], "{:.3g}")]
-        lines.append(f"| {spec.name} | {spec.controller.alpha:g} | {spec.controller.warmup_steps} | " + " | ".join(cells) + " |")
+        fmts = {"p_hat": "{:.3f}", "above": "{:.0%}", "up": "{:.0%}", "down": "{:.0%}", "risk": "{:.0%}",
+                "tau": "{:.2f}", "beta": "{:.3g}"}
+        lines.append(head + " | ".join(_cell(stats[k], f) for k, f in fmts.items()) + " |")
     return "\n".join(lines)
 
 
@@ -518,43 +555,67 @@ def _style(spec: RunSpec, fixed_betas: list[float]):
         rank = sorted(fixed_betas).index(spec.beta)
         return {"color": plt.cm.viridis(rank / max(len(fixed_betas) - 1, 1)), "ls": "-", "marker": "o", "lw": 1.6}
     rule_colors = {"hoeffding": "tab:red", "zscore": "tab:orange", "hoeffding_deadband": "tab:purple"}
-    rule = spec.controller.risk_rule
-    fast = spec.group == "dynamic (fast)"
-    return {"color": rule_colors.get(rule, "k"), "ls": "--" if fast else ":", "marker": "^" if fast else "s", "lw": 2.0}
+    color = rule_colors.get(spec.controller.risk_rule, "k")
+    fast = spec.group.startswith("dynamic (fast")
+    if spec.controller.beta_0 != DynamicBetaConfig().beta_0:  # the low-beta_0 runs
+        return {"color": color, "ls": "-." if fast else (0, (1, 3)), "marker": "D" if fast else "v", "lw": 1.4}
+    return {"color": color, "ls": "--" if fast else ":", "marker": "^" if fast else "s", "lw": 2.0}
 
 
 def plot_frontier(results, specs, args, path):
-    """Gold reward and mean length against sqrt(KL): seed-mean checkpoints of every run as lines."""
+    """Gold reward, length and filler share against sqrt(KL): seed-mean checkpoints of every run as lines.
+
+    The grey band on the left panel is the fixed-beta frontier drawn from the
+    seed-mean checkpoints (the table's gaps use per-seed frontiers).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.6))
+    fixed_pts = []
     for spec in specs:
         st = _style(spec, args.fixed_betas)
         _, kl = mean_curve(results, spec.name, "kl")
         x = np.sqrt(np.clip(kl, 0, None))
-        for ax, key in zip(axes, ("gold", "length")):
+        for ax, key in zip(axes, ("gold", "length", "filler_frac")):
             _, y = mean_curve(results, spec.name, key)
+            if key == "gold" and spec.group == "fixed":
+                fixed_pts += list(zip(x, y))
             ax.plot(x, y, color=st["color"], ls=st["ls"], marker=st["marker"], lw=st["lw"], ms=4, label=spec.name)
             ax.plot(x[-1:], y[-1:], color=st["color"], marker=st["marker"], ms=10, mec="k")  # final checkpoint
+    grid = np.linspace(0, max(p[0] for p in fixed_pts), 200)
+    axes[0].plot(grid, [frontier_at(fixed_pts, g) for g in grid], color="grey", lw=7, alpha=0.3, zorder=0,
+                 label="fixed-beta frontier")
     axes[0].set_ylabel("gold reward of policy samples (mean over seeds)")
     axes[1].set_ylabel("mean response length of policy samples")
+    axes[2].set_ylabel("FILLER share of policy samples")
     for ax in axes:
         ax.set_xlabel("sqrt(KL(policy || reference)), Monte-Carlo")
         ax.grid(alpha=0.3)
     axes[0].set_title("over-optimisation frontier (big marker = final step)")
-    axes[1].set_title("length blow-up")
-    axes[1].legend(fontsize=7, loc="upper left")
+    axes[1].set_title("length")
+    axes[2].set_title("filler (the proxy's blind spot)")
+    axes[0].legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
+def trailing_mean(y: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the last ``k`` values up to each position (NaN stays NaN: the warmup has no p_hat)."""
+    out = np.full(len(y), np.nan)
+    for i in range(len(y)):
+        if not np.isnan(y[i]):
+            window = y[max(0, i - k + 1):i + 1]
+            out[i] = np.nanmean(window)
+    return out
+
+
 def plot_traces(results, specs, args, path):
-    """beta (log scale), p_hat (running mean over 10 steps) and tau of the dynamic runs, mean over seeds."""
+    """beta (log scale), p_hat (trailing mean over 10 steps) and tau of the dynamic runs, mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -566,11 +627,12 @@ def plot_traces(results, specs, args, path):
         x, beta = mean_curve(results, spec.name, "beta", "steps")
         if spec.group == "fixed":
             axes[0].plot(x, beta, color=st["color"], lw=0.8, alpha=0.6)
+            _, p_hat = mean_curve(results, spec.name, "p_hat", "steps")
+            axes[1].plot(x, trailing_mean(p_hat, 10), color=st["color"], lw=0.8, alpha=0.6)
             continue
         axes[0].plot(x, beta, color=st["color"], ls=st["ls"], lw=st["lw"], label=spec.name)
         _, p_hat = mean_curve(results, spec.name, "p_hat", "steps")
-        smooth = np.convolve(np.nan_to_num(p_hat, nan=np.nan), np.ones(10) / 10, mode="same")
-        axes[1].plot(x, smooth, color=st["color"], ls=st["ls"], lw=1.4)
+        axes[1].plot(x, trailing_mean(p_hat, 10), color=st["color"], ls=st["ls"], lw=1.4)
         _, tau = mean_curve(results, spec.name, "tau", "steps")
         axes[2].plot(x, tau, color=st["color"], ls=st["ls"], lw=1.4)
         axes[0].axvline(spec.controller.warmup_steps, color="grey", lw=0.6, ls=st["ls"])
@@ -578,7 +640,7 @@ def plot_traces(results, specs, args, path):
     axes[1].axhline(delta, color="k", lw=0.8, label=f"delta = {delta}")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("beta (thin: fixed sweep)")
-    axes[1].set_ylabel("p_hat (10-step mean)")
+    axes[1].set_ylabel("p_hat (10-step mean)\nthin: fixed-beta shadow")
     axes[2].set_ylabel("tau")
     axes[2].set_xlabel("optimizer step")
     axes[0].legend(fontsize=7, ncol=2)
@@ -627,17 +689,17 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="outputs/dynamic_beta", help="results.json and table.md go here")
     p.add_argument("--fig_dir", default=None, help="PNG figures go here (default: --out_dir)")
     p.add_argument("--update_doc", default=None, help="markdown file whose results:begin/end block gets the new table")
-    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): first 2 seeds, betas 0.01/0.1/1, 120 steps, small data; the default-config dynamic runs are then still in warmup (120 steps)")
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): first seed only, betas 0.01/0.1/1, 120 steps, small data; the default-config dynamic runs are then still in warmup (120 steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one reference, data set and batch order per seed")
     # world
-    p.add_argument("--vocab", type=int, default=16, help="content tokens")
+    p.add_argument("--vocab", type=int, default=16, help="response tokens (FILLER + content tokens)")
     p.add_argument("--num_prompts", type=int, default=8, help="prompts (each with its own good set and length)")
     p.add_argument("--good_set_size", type=int, default=4, help="good tokens per prompt")
     p.add_argument("--p_good", type=float, default=0.4, help="generator: probability that a token is drawn from the good set")
     p.add_argument("--p_filler", type=float, default=0.15, help="generator: probability of a FILLER token before each content token")
     p.add_argument("--max_len", type=int, default=40, help="responses are cut at this many tokens")
-    p.add_argument("--len_penalty", type=float, default=0.02, help="gold reward = good_frac - len_penalty * length")
-    p.add_argument("--len_bonus", type=float, default=0.05, help="proxy (labels) = good_frac + len_bonus * length")
+    p.add_argument("--len_penalty", type=float, default=0.02, help="gold reward = good/all tokens - len_penalty * length")
+    p.add_argument("--len_bonus", type=float, default=0.05, help="proxy behind the labels = good/content tokens + len_bonus * length")
     p.add_argument("--label_temp", type=float, default=0.2, help="Bradley-Terry temperature of the noisy labels")
     # reference
     p.add_argument("--emb", type=int, default=16, help="GRU embedding size")
@@ -655,11 +717,13 @@ def parse_args(argv=None):
     p.add_argument("--fixed_betas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0], help="fixed-beta sweep")
     p.add_argument("--fast_alpha", type=float, default=0.02, help="'dynamic (fast)' variant: alpha (default config: 0.0015)")
     p.add_argument("--fast_warmup", type=int, default=30, help="'dynamic (fast)' variant: warmup_steps (default config: 120)")
+    p.add_argument("--low_beta_0", type=float, default=0.01,
+                   help="also run both controller variants from this beta_0 (0 to skip)")
     p.add_argument("--eval_every", type=int, default=50, help="optimizer steps between checkpoints")
     p.add_argument("--eval_samples", type=int, default=512, help="policy samples per checkpoint (KL, gold, length)")
     args = p.parse_args(argv)
     if args.quick:  # every size shrinks; the world, the model and the controller defaults stay
-        args.seeds = args.seeds[:2]
+        args.seeds = args.seeds[:1]
         args.fixed_betas = [0.01, 0.1, 1.0]
         args.ref_steps, args.train_pairs, args.heldout_pairs = 150, 2048, 256
         args.steps, args.eval_every, args.eval_samples = 120, 40, 256
@@ -710,6 +774,7 @@ def main(argv=None) -> dict:
         ref_stats_all.append(results[-1]["checkpoints"][0])
 
     add_frontier_gaps(results)
+    add_gold_vs_beta0(results, specs)
     ref_stats = {k: float(np.mean([s[k] for s in ref_stats_all]))
                  for k in ("kl", "gold", "length", "filler_frac", "acc_noisy", "acc_gold")}
     ref_stats.update(sqrt_kl=0.0, peak_gold=ref_stats["gold"])
@@ -717,9 +782,11 @@ def main(argv=None) -> dict:
     report = "\n\n".join([
         f"Final checkpoint (step {args.steps}), mean ± std over seeds {args.seeds}. 'gap @ matched KL': gold "
         "minus the fixed-beta frontier at the same sqrt(KL), per seed (fixed rows: frontier of the other fixed "
-        "betas); 'mean gap, all ckpts': the same averaged over every checkpoint after step 0.",
+        "betas); 'gold - gold(fixed beta_0)': paired by seed against the fixed run at the run's beta_0 "
+        "(fixed rows: at the default beta_0).",
         results_table(results, specs, ref_stats),
-        "Controller, dynamic phase only (u > 0 raises beta, u < 0 lowers it):",
+        "Controller statistics after warmup (u > 0 raises beta, u < 0 lowers it; fixed rows: shadow controller "
+        "with the default config and alpha = 0, which watches but never moves beta):",
         controller_table(results, specs),
         f"Wall time {elapsed:.0f}s (`{' '.join(['python', 'scripts/experiment_dynamic_beta.py', *(argv or [])])}`).",
     ])
@@ -739,14 +806,6 @@ def main(argv=None) -> dict:
         update_doc(args.update_doc, report)
     print("wrote", os.path.join(args.out_dir, "results.json"), os.path.join(args.out_dir, "table.md"), *figs)
     return {"results": results, "report": report, "elapsed_s": elapsed}
-
-
-def evaluate_generator(world: World, n: int, seed: int) -> dict:
-    """Gold reward and length of the known generator's own samples (what the reference imitates)."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts = torch.arange(n) % world.num_prompts
-    tokens, lengths = generator_sample(world, prompts, gen)
-    return {"gold": float(gold_reward(world, prompts, tokens, lengths).mean()), "length": float(lengths.double().mean())}
 
 
 if __name__ == "__main__":

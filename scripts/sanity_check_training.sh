@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Do N ranks train like 1? Runs the world-size matrix on the embedded default with a
-# fixed global batch, for SFT and for DPO with dynamic beta:
+# fixed global batch, for SFT and for DPO:
 #
-#   1 process, no patches (the reference) | 2 ranks, patches | 4 ranks, patches | 4 ranks, no patches
+#   SFT: 1 process, no patches (the reference) | 2 ranks, patches | 4 ranks, patches | 4 ranks, no patches
+#   DPO: dynamic beta on 1 process (its reference), 2 and 4 ranks, all with opensloth's patches;
+#        stock TRL (--no_patches, which for DPO means fixed beta) on 1 process and on 4 ranks.
+#
+# The dynamic-beta controller is itself an opensloth patch of TRL's DPOTrainer, so
+# "DPO without patches" cannot run dynamic beta; its rows check stock TRL instead.
 #
 # then prints the max deviation of every curve from the 1-process one and each run's
 # wall-clock, draws all curves into one PNG, and exits 1 if a curve deviates beyond
@@ -38,7 +43,7 @@ run() {  # task nproc label extra-args...
   local script=train_scripts/train_configurable.py common=()
   if [ "$task" = dpo ]; then
     script=train_scripts/train_dpo.py
-    common=(--beta_mode dynamic --dynamic_beta.warmup_steps 4 --dynamic_beta.alpha 0.05 --max_seq_length 384)
+    common=(--dynamic_beta.warmup_steps 4 --dynamic_beta.alpha 0.05 --max_seq_length 384)
   else
     common=(--max_seq_length 512)
   fi
@@ -56,9 +61,12 @@ run() {  # task nproc label extra-args...
 }
 
 for task in $TASKS; do
-  run "$task" 1 plain --no_patches
+  plain=(--no_patches)
+  [ "$task" = dpo ] && plain+=(--beta_mode fixed)  # stock TRL DPO has no dynamic beta
+  run "$task" 1 plain "${plain[@]}"
+  [ "$task" = dpo ] && run "$task" 1 patched     # the dynamic-beta reference
   run "$task" 2 patched
   run "$task" 4 patched
-  run "$task" 4 plain --no_patches
+  run "$task" 4 plain "${plain[@]}"
 done
 "$PY" scripts/sanity_report.py --root "$OUT" --tasks $TASKS --tolerance "$TOL" --png "$PNG"

@@ -4,9 +4,11 @@
 
 For every task it reads ``<root>/<task>_<label>_ws<N>/trainer_state.json``
 (per-step ``loss`` and ``eval_loss``) and, for DPO, the beta trajectory from
-``logs/margins/margins.jsonl``; prints a table of the maximum deviation from
-``<task>_plain_ws1`` and the wall-clock of each run (``walltimes.tsv``); draws
-all curves into one PNG; exits 1 when a deviation exceeds the tolerance.
+``logs/margins/margins.jsonl``; prints a table of the maximum deviation of
+each run from its 1-process reference (``<task>_<label>_ws1`` when that run
+exists, else ``<task>_plain_ws1``) and the wall-clock of each run
+(``walltimes.tsv``); draws all curves into one PNG; exits 1 when a deviation
+exceeds the tolerance.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ REFERENCE = "plain_ws1"
 
 def _runs(root: str, task: str) -> list[str]:
     names = [d for d in os.listdir(root) if d.startswith(f"{task}_") and os.path.isdir(os.path.join(root, d))]
-    order = {"plain_ws1": 0, "patched_ws2": 1, "patched_ws4": 2, "plain_ws4": 3}
+    order = {"plain_ws1": 0, "patched_ws1": 1, "patched_ws2": 2, "patched_ws4": 3, "plain_ws4": 4}
     return sorted(names, key=lambda n: (order.get(n[len(task) + 1:], 9), n))
 
 
@@ -63,18 +65,19 @@ def main() -> int:
             walltimes = {name: int(ms) / 1000 for name, ms in (line.split("\t") for line in fh if line.strip())}
 
     failures, curves = [], {}
-    print(f"\n| task | run | steps | final loss | max dev loss | max dev eval_loss | max dev beta | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| task | run | reference | steps | final loss | max dev loss | max dev eval_loss | max dev beta | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
         names = _runs(args.root, task)
-        ref_name = f"{task}_{REFERENCE}"
-        if ref_name not in names:
-            print(f"missing reference run {ref_name} in {args.root}", file=sys.stderr)
+        if f"{task}_{REFERENCE}" not in names:
+            print(f"missing reference run {task}_{REFERENCE} in {args.root}", file=sys.stderr)
             return 1
-        ref_dir = os.path.join(args.root, ref_name)
-        ref = {k: _series(ref_dir, k) for k in ("loss", "eval_loss")}
-        ref_beta = _beta(ref_dir)
         for name in names:
+            label = name[len(task) + 1:].rsplit("_ws", 1)[0]
+            ref_name = f"{task}_{label}_ws1" if f"{task}_{label}_ws1" in names else f"{task}_{REFERENCE}"
+            ref_dir = os.path.join(args.root, ref_name)
+            ref = {k: _series(ref_dir, k) for k in ("loss", "eval_loss")}
+            ref_beta = _beta(ref_dir)
             run_dir = os.path.join(args.root, name)
             cur = {k: _series(run_dir, k) for k in ("loss", "eval_loss")}
             beta = _beta(run_dir)
@@ -83,7 +86,7 @@ def main() -> int:
             devs["beta"] = _max_dev(ref_beta, beta) if ref_beta else None
             fmt = {k: ("-" if v is None else f"{v:.2e}") for k, v in devs.items()}
             final = cur["loss"][max(cur["loss"])] if cur["loss"] else float("nan")
-            print(f"| {task} | {name[len(task) + 1:]} | {len(cur['loss'])} | {final:.4f} | {fmt['loss']} | "
+            print(f"| {task} | {name[len(task) + 1:]} | {ref_name[len(task) + 1:]} | {len(cur['loss'])} | {final:.4f} | {fmt['loss']} | "
                   f"{fmt['eval_loss']} | {fmt['beta']} | {walltimes.get(name, float('nan')):.1f} |")
             bad = [k for k, v in devs.items() if v is not None and v > args.tolerance]
             if bad:

@@ -60,15 +60,16 @@ def test_sequence_logp_matches_token_by_token_sum():
     gen = torch.Generator().manual_seed(0)
     prompts = torch.tensor([0, 1, 2])
     tokens, lengths = policy.sample(prompts, gen)
-    got = policy.sequence_logp(prompts, tokens, lengths)
+    got = policy.sequence_logp(prompts, tokens, lengths).detach()
     for i in range(3):
         # brute force: feed the prefix, read the next-token log-prob, one position at a time
         total, L = 0.0, int(lengths[i])
         seq = [int(world.prompt_token(prompts[i:i + 1]))] + tokens[i, :L].tolist()
         targets = tokens[i, :L].tolist() + ([E.EOS] if L < world.max_len else [])
-        for t, target in enumerate(targets):
-            hidden, _ = policy.rnn(policy.embed(torch.tensor([seq[:t + 1]])))
-            total += float(torch.log_softmax(policy.head(hidden[0, -1]), -1)[target])
+        with torch.no_grad():
+            for t, target in enumerate(targets):
+                hidden, _ = policy.rnn(policy.embed(torch.tensor([seq[:t + 1]])))
+                total += float(torch.log_softmax(policy.head(hidden[0, -1]), -1)[target])
         assert float(got[i]) == pytest.approx(total, abs=1e-4)
 
 

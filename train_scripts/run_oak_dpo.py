@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def evaluate(model, tokenizer):
         return heldout_accuracy(model, tokenizer, heldout, kind=kind, max_new_tokens=cfg.rollout.max_new_tokens,
-                                batch_size=cfg.rollout.batch_size, env=env, backend=backend)
+                                batch_size=cfg.rollout.batch_size, env=env, backend=backend, sampling=cfg.rollout)
 
     # --- iteration 0: the SFT policy on the held-out prompts (once per run folder) ---
     sft_eval_path = os.path.join(args.output, SFT_EVAL)
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(model, tokenizer)
         if env.is_main:
             write_json_atomic(sft_eval_path, result)
-        log_rank0(f"held-out accuracy of the SFT policy: {result['accuracy']:.3f} ({result['correct']}/{result['n']})")
+        log_rank0(f"held-out accuracy of the SFT policy: {result['accuracy']:.3f} ({result['correct']}/{result['n']}) "
+                  f"greedy, {result['sampled_accuracy']:.3f} sampled")
         del model
         barrier()
 

@@ -25,13 +25,15 @@ def collect_summary(output: str) -> list[dict]:
     if os.path.isfile(sft_path):
         with open(sft_path) as fh:
             ev = json.load(fh)
-        rows.append({"iteration": 0, "policy": "SFT", "accuracy": ev["accuracy"], "n": ev["n"]})
+        rows.append({"iteration": 0, "policy": "SFT", "accuracy": ev["accuracy"], "n": ev["n"],
+                     "sampled_accuracy": ev.get("sampled_accuracy")})
     for k in completed_iterations(output):
         marker = read_marker(output, k)
         ev = marker.get("eval") or {}
         rollout = marker.get("rollout", {})
         rows.append({
             "iteration": k, "policy": f"DPO round {k}", "accuracy": ev.get("accuracy"), "n": ev.get("n"),
+            "sampled_accuracy": ev.get("sampled_accuracy"),
             "rollout_score": rollout.get("mean_score"), "prompts": rollout.get("prompts"),
             "pairs": rollout.get("pairs"), "skipped": rollout.get("skipped"),
             "dpo_steps": marker.get("dpo", {}).get("steps"), "final_beta": marker.get("dpo", {}).get("final_beta"),
@@ -46,14 +48,15 @@ def _fmt(value, spec: str) -> str:
 
 def summary_markdown(rows: list[dict]) -> str:
     """A markdown table of :func:`collect_summary` rows."""
-    lines = ["| iteration | policy | held-out accuracy | rollout mean score (policy before the round) | pairs | "
-             "skipped (tie / other) | DPO steps | final beta | seconds |",
-             "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines = ["| iteration | policy | held-out accuracy, greedy (n) | held-out accuracy, sampled | "
+             "rollout mean score (policy before the round) | pairs | skipped | DPO steps | final beta | seconds |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for row in rows:
         acc = "-" if row.get("accuracy") is None else f"{row['accuracy']:.3f} ({row['n']})"
         skipped = row.get("skipped")
         skipped_text = "-" if skipped is None else (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "0")
-        lines.append(f"| {row['iteration']} | {row['policy']} | {acc} | {_fmt(row.get('rollout_score'), '.3f')} | "
+        lines.append(f"| {row['iteration']} | {row['policy']} | {acc} | {_fmt(row.get('sampled_accuracy'), '.3f')} | "
+                     f"{_fmt(row.get('rollout_score'), '.3f')} | "
                      f"{_fmt(row.get('pairs'), 'd')} | {skipped_text} | {_fmt(row.get('dpo_steps'), 'd')} | "
                      f"{_fmt(row.get('final_beta'), '.4g')} | {_fmt(row.get('seconds'), '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -69,12 +72,11 @@ def plot_accuracy(rows: list[dict], png: str, title: str = "OaK-DPO: held-out ac
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     ax.plot([r["iteration"] for r in evaluated], [r["accuracy"] for r in evaluated], marker="o",
-            label="held-out accuracy (greedy)")
-    scored = [r for r in rows if r.get("rollout_score") is not None]
-    if scored:
-        # The rollout of round k samples the policy of round k-1.
-        ax.plot([r["iteration"] - 1 for r in scored], [r["rollout_score"] for r in scored], marker="s",
-                linestyle="--", label="sampled accuracy on training prompts")
+            label="held-out, greedy answer")
+    sampled = [r for r in rows if r.get("sampled_accuracy") is not None]
+    if sampled:
+        ax.plot([r["iteration"] for r in sampled], [r["sampled_accuracy"] for r in sampled], marker="s",
+                linestyle="--", label="held-out, sampled answers")
     ax.set_xlabel("iteration (0 = SFT policy, k = after DPO round k)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
