@@ -1,7 +1,7 @@
 """Controlled over-optimisation experiment: fixed-beta vs dynamic-beta DPO on a toy policy (CPU).
 
     nice python scripts/experiment_dynamic_beta.py --out_dir outputs/dynamic_beta \
-        --fig_dir docs/img --update_doc docs/dynamic_beta.md                 # full run, ~4-6 min on 2 cores
+        --fig_dir docs/img --update_doc docs/dynamic_beta.md                 # full run, ~4-7 min on 2 cores
     python scripts/experiment_dynamic_beta.py --quick --out_dir /tmp/dynamic_beta_quick   # smoke run, < 1 min
 
 What it does, top to bottom (docs/dynamic_beta.md has the results and what they show):
@@ -103,7 +103,8 @@ class World:
 def make_world(args, task_seed: int = 1234) -> World:
     """The task is fixed across seeds (``task_seed``); seeds vary reference, data and training."""
     rng = np.random.default_rng(task_seed)
-    good_sets = tuple(tuple(int(t) for t in sorted(rng.choice(np.arange(FILLER + 1, args.vocab + 1), args.good_set_size, replace=False)))
+    content = np.arange(FILLER + 1, args.vocab + 1)  # FILLER is never good
+    good_sets = tuple(tuple(int(t) for t in sorted(rng.choice(content, args.good_set_size, replace=False)))
                       for _ in range(args.num_prompts))
     mean_len = tuple(float(m) for m in rng.uniform(3.0, 8.0, args.num_prompts))
     return World(vocab=args.vocab, num_prompts=args.num_prompts, good_sets=good_sets, mean_len=mean_len,
@@ -369,7 +370,8 @@ def run_dpo(spec: RunSpec, ref: TinyPolicy, world: World, train: dict, heldout: 
     final_beta = ctrl.beta if ctrl is not None else spec.beta
     return {"name": spec.name, "group": spec.group, "seed": seed, "steps": steps,
             "checkpoints": checkpoints, "final_beta": final_beta,
-            "controller_state": None if ctrl is None else {k: v for k, v in ctrl.state_dict().items() if k != "warmup_margins"}}
+            "controller_state": None if ctrl is None else
+            {k: v for k, v in ctrl.state_dict().items() if k != "warmup_margins"}}
 
 
 def run_specs(args) -> list[RunSpec]:
@@ -474,7 +476,8 @@ def add_gold_vs_beta0(results: list[dict], specs: list[RunSpec]) -> None:
     """
     start = {s.name: (s.controller or DynamicBetaConfig()).beta_0 for s in specs}
     for r in results:
-        base = [f for f in results if f["seed"] == r["seed"] and f["group"] == "fixed" and f["final_beta"] == start[r["name"]]]
+        base = [f for f in results
+                if f["seed"] == r["seed"] and f["group"] == "fixed" and f["final_beta"] == start[r["name"]]]
         if base:
             r["gold_vs_beta0"] = r["checkpoints"][-1]["gold"] - base[0]["checkpoints"][-1]["gold"]
 
@@ -660,7 +663,8 @@ def plot_training(results, specs, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("kl", "sqrt(KL)"), ("gold", "gold reward"), ("length", "mean length"), ("acc_gold", "held-out acc (gold labels)")]
+    keys = [("kl", "sqrt(KL)"), ("gold", "gold reward"), ("length", "mean length"),
+            ("acc_gold", "held-out acc (gold labels)")]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     for spec in specs:
         st = _style(spec, args.fixed_betas)
@@ -689,17 +693,23 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="outputs/dynamic_beta", help="results.json and table.md go here")
     p.add_argument("--fig_dir", default=None, help="PNG figures go here (default: --out_dir)")
     p.add_argument("--update_doc", default=None, help="markdown file whose results:begin/end block gets the new table")
-    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): first seed only, betas 0.01/0.1/1, 120 steps, small data; the default-config dynamic runs are then still in warmup (120 steps)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one reference, data set and batch order per seed")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (< 1 min): first seed only, betas 0.01/0.1/1, 120 steps, small data; "
+                        "the default-config dynamic runs then never leave warmup (120 steps)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one reference, data set and batch order per seed")
     # world
     p.add_argument("--vocab", type=int, default=16, help="response tokens (FILLER + content tokens)")
     p.add_argument("--num_prompts", type=int, default=8, help="prompts (each with its own good set and length)")
     p.add_argument("--good_set_size", type=int, default=4, help="good tokens per prompt")
-    p.add_argument("--p_good", type=float, default=0.4, help="generator: probability that a token is drawn from the good set")
-    p.add_argument("--p_filler", type=float, default=0.15, help="generator: probability of a FILLER token before each content token")
+    p.add_argument("--p_good", type=float, default=0.4,
+                   help="generator: probability that a content token is drawn from the good set")
+    p.add_argument("--p_filler", type=float, default=0.15,
+                   help="generator: probability of a FILLER token before each content token (repeated)")
     p.add_argument("--max_len", type=int, default=40, help="responses are cut at this many tokens")
     p.add_argument("--len_penalty", type=float, default=0.02, help="gold reward = good/all tokens - len_penalty * length")
-    p.add_argument("--len_bonus", type=float, default=0.05, help="proxy behind the labels = good/content tokens + len_bonus * length")
+    p.add_argument("--len_bonus", type=float, default=0.05,
+                   help="proxy behind the labels = good/content tokens + len_bonus * length")
     p.add_argument("--label_temp", type=float, default=0.2, help="Bradley-Terry temperature of the noisy labels")
     # reference
     p.add_argument("--emb", type=int, default=16, help="GRU embedding size")
@@ -716,7 +726,8 @@ def parse_args(argv=None):
     p.add_argument("--lr_warmup", type=int, default=50, help="steps of linear learning-rate warmup (same for every run)")
     p.add_argument("--fixed_betas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0], help="fixed-beta sweep")
     p.add_argument("--fast_alpha", type=float, default=0.02, help="'dynamic (fast)' variant: alpha (default config: 0.0015)")
-    p.add_argument("--fast_warmup", type=int, default=30, help="'dynamic (fast)' variant: warmup_steps (default config: 120)")
+    p.add_argument("--fast_warmup", type=int, default=30,
+                   help="'dynamic (fast)' variant: warmup_steps (default config: 120)")
     p.add_argument("--low_beta_0", type=float, default=0.01,
                    help="also run both controller variants from this beta_0 (0 to skip)")
     p.add_argument("--eval_every", type=int, default=50, help="optimizer steps between checkpoints")

@@ -16,6 +16,12 @@ SFT_DATA = REPO / "data" / "sft"
 PREF_DATA = REPO / "data" / "preference"
 HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
 
+# Subprocesses that call `python` or `torchrun` must get this interpreter's environment
+# (CI runs `.venv/bin/python -m pytest` without activating the venv).
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
 requires_unsloth = pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (hf path still tested)")
 
 

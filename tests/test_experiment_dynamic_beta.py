@@ -53,15 +53,16 @@ def test_rewards_hand_values():
 
 
 def test_sequence_logp_matches_token_by_token_sum():
-    args = E.parse_args(["--quick"])
-    world = E.make_world(args)
+    world = E.make_world(E.parse_args(["--quick", "--max_len", "8"]))  # short: the brute force is quadratic
     torch.manual_seed(0)
     policy = E.TinyPolicy(world, emb=8, hidden=8)
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.tensor([0, 1, 2])
+    prompts = torch.tensor([0, 1, 2, 3, 4, 5])
     tokens, lengths = policy.sample(prompts, gen)
+    cut = lengths == world.max_len
+    assert cut.any() and (~cut).any()  # both kinds: with EOS, and cut at max_len (no EOS term)
     got = policy.sequence_logp(prompts, tokens, lengths).detach()
-    for i in range(3):
+    for i in range(len(prompts)):
         # brute force: feed the prefix, read the next-token log-prob, one position at a time
         total, L = 0.0, int(lengths[i])
         seq = [int(world.prompt_token(prompts[i:i + 1]))] + tokens[i, :L].tolist()

@@ -51,6 +51,10 @@ Risk rules (``risk_rule``):
   ``w = deadband * eps``. Above the band it equals the published rule
   (with the default ``deadband = 1``); inside it beta does not move; below it
   beta decreases symmetrically. Over-risk when ``p_hat > delta + eps``.
+  Caveat (measured in docs/dynamic_beta.md): the lower edge ``delta - eps`` is
+  below 0 while ``n < ln(1/eps0) / (2 delta^2)`` (about 150 margins per step at
+  the defaults), so with smaller global batches this rule can raise beta but
+  never lower it.
 """
 
 from __future__ import annotations
