@@ -143,36 +143,81 @@ def shipped_prompts(records_per_seed: int = 4000) -> set[str]:
     return prompts
 
 
-def pretraining_documents(seed: int, exclude: set[str]):
-    """Endless plain-text documents (see :func:`render_plain`) from ``make_conversation``.
+# Share of pretraining documents per task kind. ProntoQA gets the most: its
+# names and categories are single tokens, so a model this small learns to look
+# them up within the build budget (digit lists and letter strings need
+# multi-token copying, which it does not learn in that time). Arithmetic comes
+# next; every kind appears, so the base knows all the formats.
+PRETRAIN_KIND_WEIGHTS: dict[str, float] = {
+    "prontoqa": 0.40, "add": 0.15, "sub": 0.10, "mul": 0.05,
+    "sort": 0.06, "copy": 0.06, "sum_list": 0.06, "count": 0.06, "reverse": 0.06,
+}
 
-    Conversations with any user prompt in ``exclude`` are skipped.
+
+def pretraining_tasks(seed: int, max_tokens: int, exclude: set[str]):
+    """Endless tasks for pretraining: kinds drawn by :data:`PRETRAIN_KIND_WEIGHTS`.
+
+    Sizes follow the data's lognormal (``sample_size``), redrawn above
+    ``max_tokens``: short documents carry more question/answer pairs per
+    token and fit whole in a training row. Tasks whose prompt is in
+    ``exclude`` are skipped.
     """
-    from opensloth.data.synthetic import make_conversation
+    from opensloth.data.synthetic import make_task, sample_size
 
     rng = random.Random(seed)
+    kinds, weights = zip(*PRETRAIN_KIND_WEIGHTS.items())
     while True:
-        messages = make_conversation(rng)["messages"]
-        if any(m["content"] in exclude for m in messages if m["role"] == "user"):
+        size = sample_size(rng)
+        if size > max_tokens:
             continue
-        yield render_plain(messages)
+        task = make_task(rng, kind=rng.choices(kinds, weights=weights)[0], size=size)
+        if task.prompt not in exclude:
+            yield task
 
 
-def pack_rows(tokenizer, documents, n_rows: int, row_len: int, docs_per_call: int = 256) -> list[list[int]]:
-    """Concatenate tokenized documents, each ended by ``<|endoftext|>``, and cut ``n_rows`` rows of ``row_len``.
+def pack_rows(token_docs, n_rows: int, row_len: int, open_rows: int = 8) -> list[list[int]]:
+    """Pack whole tokenized documents into ``n_rows`` rows of exactly ``row_len`` tokens.
 
-    Standard LM pretraining packing: a document may straddle two rows, and
-    attention is not masked between documents of a row.
+    First fit over a few open rows, so no document is cut (every answer is
+    trained with its question in view) and little is padded. Documents longer
+    than ``row_len`` are dropped. Padding is ``-1`` (see :func:`pretrain`).
+    Deterministic: rows come out in the order they are closed.
     """
+    rows: list[list[int]] = []
+    pending: list[list[int]] = []
+    for ids in token_docs:
+        if len(ids) > row_len:
+            continue
+        target = next((row for row in pending if len(row) + len(ids) <= row_len), None)
+        if target is None:
+            if len(pending) == open_rows:
+                fullest = max(pending, key=len)
+                pending.remove(fullest)
+                rows.append(fullest + [-1] * (row_len - len(fullest)))
+                if len(rows) == n_rows:
+                    return rows
+            target = []
+            pending.append(target)
+        target.extend(ids)
+    raise ValueError("token_docs ran out before n_rows rows were filled")
+
+
+def render_document(task, chat: bool, terse_chat: bool = True) -> str:
+    """One pretraining document: plain ``Question/Solution`` text, or a terse ChatML exchange."""
+    if not chat:
+        return render_plain([{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.response}])
+    reply = f"Answer: {task.answer}" if terse_chat else task.response
+    return render_chatml([{"role": "user", "content": task.prompt}, {"role": "assistant", "content": reply}])
+
+
+def tokenized_documents(tokenizer, tasks, chat_share: float, seed: int, terse_chat: bool = True, chunk: int = 256):
+    """Token ids of pretraining documents of ``tasks``, each ended by ``<|endoftext|>``."""
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    stream: list[int] = []
-    need = n_rows * row_len
-    while len(stream) < need:
-        batch = [next(documents) for _ in range(docs_per_call)]
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eot)
-    return [stream[i * row_len:(i + 1) * row_len] for i in range(n_rows)]
+    rng = random.Random(seed)
+    while True:
+        texts = [render_document(next(tasks), rng.random() < chat_share, terse_chat) for _ in range(chunk)]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            yield ids + [eot]
 
 
 # ---------------------------------------------------------------- tokenizer and model
@@ -275,8 +320,10 @@ def pretrain(model, rows: list[list[int]], batch_size: int, peak_lr: float, warm
     for step in range(total):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, peak_lr, warmup)
-        batch = torch.tensor(rows[step * batch_size:(step + 1) * batch_size])
-        loss = model(input_ids=batch, labels=batch).loss
+        labels = torch.tensor(rows[step * batch_size:(step + 1) * batch_size])
+        # -1 marks padding: fed as <|endoftext|> (id 0), ignored by the loss.
+        input_ids = labels.clamp(min=0)
+        loss = model(input_ids=input_ids, labels=labels.masked_fill(labels < 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -327,17 +374,21 @@ def main() -> None:
     parser.add_argument("--corpus-conversations", type=int, default=6000, help="conversations in the corpus")
     parser.add_argument("--corpus-pairs", type=int, default=2000, help="preference pairs in the corpus")
     parser.add_argument("--model-seed", type=int, default=0, help="torch seed of the weight initialisation")
-    parser.add_argument("--hidden-size", type=int, default=96, help="model width")
+    parser.add_argument("--hidden-size", type=int, default=64, help="model width")
     parser.add_argument("--intermediate-size", type=int, default=256, help="MLP width")
     parser.add_argument("--num-layers", type=int, default=4, help="decoder layers")
     parser.add_argument("--num-heads", type=int, default=4, help="attention heads")
     parser.add_argument("--num-kv-heads", type=int, default=2, help="key/value heads")
     parser.add_argument("--pretrain-seed", type=int, default=20261123, help="seed of the pretraining text")
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="AdamW steps (0: save the random init)")
+    parser.add_argument("--pretrain-steps", type=int, default=800, help="AdamW steps (0: save the random init)")
     parser.add_argument("--pretrain-batch", type=int, default=8, help="rows per step")
-    parser.add_argument("--pretrain-seq-len", type=int, default=512, help="tokens per row")
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--pretrain-seq-len", type=int, default=256, help="tokens per row")
+    parser.add_argument("--pretrain-max-doc-tokens", type=int, default=150,
+                        help="largest task size drawn for pretraining (tokens, see synthetic.sample_size)")
+    parser.add_argument("--pretrain-lr", type=float, default=5e-3, help="peak learning rate")
     parser.add_argument("--pretrain-warmup", type=int, default=30, help="linear warmup steps")
+    parser.add_argument("--pretrain-chat-share", type=float, default=0.1, help="share of ChatML documents")
+    parser.add_argument("--x-full-chat", action="store_true")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; the saved bytes are reproducible for a fixed count (default 1)")
     args = parser.parse_args()
@@ -354,9 +405,12 @@ def main() -> None:
 
     losses = []
     if args.pretrain_steps:
-        documents = pretraining_documents(args.pretrain_seed, exclude=shipped_prompts())
-        rows = pack_rows(tokenizer, documents, args.pretrain_steps * args.pretrain_batch, args.pretrain_seq_len)
-        print(f"pretraining on {len(rows) * args.pretrain_seq_len} tokens", flush=True)
+        tasks = pretraining_tasks(args.pretrain_seed, args.pretrain_max_doc_tokens, exclude=shipped_prompts())
+        docs = tokenized_documents(tokenizer, tasks, args.pretrain_chat_share, args.pretrain_seed,
+                                   terse_chat=not args.x_full_chat)
+        rows = pack_rows(docs, args.pretrain_steps * args.pretrain_batch, args.pretrain_seq_len)
+        n_pad = sum(row.count(-1) for row in rows)
+        print(f"pretraining on {len(rows) * args.pretrain_seq_len - n_pad} tokens ({n_pad} padding)", flush=True)
         losses = pretrain(model, rows, args.pretrain_batch, args.pretrain_lr, args.pretrain_warmup, args.model_seed)
 
     out = os.path.abspath(args.out)

@@ -45,7 +45,7 @@ run() {  # task nproc label extra-args...
     script=train_scripts/train_dpo.py
     common=(--dynamic_beta.warmup_steps 4 --dynamic_beta.alpha 0.05 --max_seq_length 384)
   else
-    common=(--max_seq_length 512)
+    common=(--max_seq_length 512 --cache_dir "$OUT/cache")
   fi
   local launcher=("$PY" "$script")
   [ "$nproc" -gt 1 ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$script")

@@ -67,7 +67,7 @@ def test_local_copy_of_model_and_dataset(tmp_path):
     data_file.write_text("\n".join(lines) + "\n")
     proc = run(["python", SCRIPT, "--backend", "hf", "--model_name", str(model_copy), "--dataset", str(data_file),
                 "--max_steps", "2", "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "out"),
-                "--experiment_name", "local"])
+                "--cache_dir", str(tmp_path / "cache"), "--experiment_name", "local"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "out" / "local_ws1"
     assert (run_dir / "adapter_config.json").exists() and (run_dir / "adapter_model.safetensors").exists()

@@ -35,7 +35,7 @@ def _losses(run_dir):
 
 def _train(tmp_path, nproc, backend, name, *extra):
     proc = run(torchrun_cmd(nproc, SCRIPT, *COMMON, "--backend", backend, "--output_dir", str(tmp_path),
-                            "--experiment_name", name, *extra))
+                            "--cache_dir", str(tmp_path / "cache"), "--experiment_name", name, *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _losses(tmp_path / f"{name}_ws{nproc}")
 

@@ -3,9 +3,9 @@
     torchrun --nproc_per_node=2 train_scripts/run_oak_dpo.py --iterations 3 --samples 4 \\
         --config examples/config_oak_dpo.yaml --train-data outputs/oak_demo/data/prompts.jsonl \\
         --eval-data outputs/oak_demo/data/heldout.jsonl --sft-model outputs/oak_demo/sft \\
-        --dataset-type add --output outputs/oak_demo/run
+        --dataset-type prontoqa --output outputs/oak_demo/dpo_nll
     python train_scripts/run_oak_dpo.py ... --iterations 4          # resumes after the last complete iteration
-    bash scripts/oak_demo.sh                                        # SFT + 3 iterations on CPU, with the plot
+    .venv/bin/python scripts/oak_demo.py                            # data + SFT + 3 iterations on CPU, with plots
 
 Per iteration k = 1..K (see ``src/opensloth/oak/__init__.py`` for the layout):
 
@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, DPORunSettings, prefix=DPO_PREFIX)  # --dpo.learning_rate, --dpo.num_epochs, ...
     add_dataclass_flags(p, DynamicBetaConfig, prefix=f"{DYNAMIC_SECTION}.")  # --dynamic_beta.warmup_steps, ...
     add_dataclass_flags(p, RolloutSettings, prefix=f"{ROLLOUT_SECTION}.")  # --rollout.temperature, ...
+    p.add_argument("--nll_weight", "--nll-weight", dest="nll_weight", type=float, default=None,
+                   help="add this weight x NLL of the chosen reply to the DPO loss (fixed beta only; "
+                        "overrides oak.nll_weight)")
+    p.add_argument("--lora.r", dest="lora__r", type=int, default=argparse.SUPPRESS, help="LoRA rank of the DPO adapter")
+    p.add_argument("--lora.alpha", dest="lora__alpha", type=int, default=argparse.SUPPRESS, help="LoRA alpha")
+    p.add_argument("--lora.target_modules", dest="lora__target_modules", nargs="+", default=argparse.SUPPRESS,
+                   help="modules the DPO adapter wraps (default q_proj k_proj v_proj o_proj)")
     return p
 
 
@@ -107,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
                              f"{('synthetic', *TASK_KINDS)} or --judge reward_model")
     kind = None if args.dataset_type == "synthetic" else args.dataset_type
     backend = resolve_backend(cfg.dpo.backend)
+    from opensloth.rollout.traces import load_prompts
+
+    pool = load_prompts(args.train_data, args.train_split, args.limit)
+    heldout = load_prompts(args.eval_data, args.eval_split, args.eval_limit) if args.eval_data else None
+    if heldout is not None and not checkable:
+        raise UserInputError(f"--eval-data needs a checkable --dataset-type; {args.dataset_type!r} is not")
 
     # --- setup: Unsloth first, then ddp_patch (device, process group when WORLD_SIZE > 1) ---
     import_backend(backend)
@@ -125,14 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     from opensloth.rollout.judges import make_judge
     from opensloth.rollout.policy import load_policy
     from opensloth.rollout.run import PAIRS_FILE, run_rollout
-    from opensloth.rollout.traces import load_prompts, write_json_atomic
+    from opensloth.rollout.traces import write_json_atomic
     from opensloth.utils.distributed import barrier
 
-    # --- data and judge ---
-    pool = load_prompts(args.train_data, args.train_split, args.limit)
-    heldout = load_prompts(args.eval_data, args.eval_split, args.eval_limit) if args.eval_data else None
-    if heldout is not None and not checkable:
-        raise UserInputError(f"--eval-data needs a checkable --dataset-type; {args.dataset_type!r} is not")
+    # --- the judge ---
     judge = make_judge(args.judge, dataset_type=args.dataset_type, reward_model=args.reward_model, device=device)
 
     # --- the run folder: same settings on resume, reference = SFT policy ---
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     def load(adapter):
         return load_policy(reference["path"], adapter=adapter, backend=backend, device=device, seed=cfg.dpo.seed,
                            dtype=cfg.dpo.dtype, max_seq_length=cfg.dpo.max_seq_length,
-                           gradient_checkpointing=not cfg.dpo.no_gradient_checkpointing)
+                           gradient_checkpointing=not cfg.dpo.no_gradient_checkpointing, lora=cfg.lora)
 
     def evaluate(model, tokenizer):
         return heldout_accuracy(model, tokenizer, heldout, kind=kind, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -165,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(model, tokenizer)
         if env.is_main:
             write_json_atomic(sft_eval_path, result)
-        log_rank0(f"held-out accuracy of the SFT policy: {result['accuracy']:.3f} ({result['correct']}/{result['n']}) "
-                  f"greedy, {result['sampled_accuracy']:.3f} sampled")
+        sampled = "" if result["sampled_accuracy"] is None else f", {result['sampled_accuracy']:.3f} sampled"
+        log_rank0(f"held-out accuracy of the SFT policy: {result['accuracy']:.3f} "
+                  f"({result['correct']}/{result['n']}) greedy{sampled}")
         del model
         barrier()
 
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                                       pairs_path=os.path.join(layout.rollout_dir(args.output, k), PAIRS_FILE),
                                       output=args.output)
         dpo = run_dpo_round(model, tokenizer, rollout.pairs, settings, cfg.dynamic, run_dir=run_dir, env=env,
-                            backend=backend)
+                            backend=backend, nll_weight=cfg.nll_weight)
         result = evaluate(model, tokenizer) if heldout is not None else None
 
         record = {

@@ -25,12 +25,25 @@ So the loop does this (:mod:`opensloth.oak.reference`):
 3. TRL's ``"ref"`` adapter copy is removed, so "adapter disabled" is the
    reference: exactly the SFT policy, in every iteration.
 
+Each round is one DPO epoch over that round's pairs, with a fresh copy of the
+DPO settings and, with dynamic beta, a fresh controller (warm-up included).
+An optional NLL term on the chosen replies (``oak.nll_weight``, fixed beta
+only) keeps the chosen answers likely: plain DPO can lower the probability
+of both replies (see ``docs/benchmarks.md``).
+
 Layout of ``--output`` (one level of ``iter_<k>``, never nested)::
 
+    oak_run.json                    settings of the first start (a resume must match them)
     sft_merged/                     merged SFT weights (only for an adapter --sft-model)
     eval/sft.json                   held-out accuracy of the SFT policy (iteration 0)
     rollout_output/iter_<k>/        rollouts.jsonl, judged.jsonl, pairs.jsonl, manifest.json
     dpo/iter_<k>/                   LoRA adapter, trainer_state.json, settings, margins log,
                                     eval.json, iteration_complete.json (written last)
-    oak_summary.json, oak_summary.md  accuracy per iteration
+    oak_summary.json, oak_summary.md, oak_accuracy.png   accuracy per iteration
+
+Modules: :mod:`~opensloth.oak.layout` (paths, markers), :mod:`~opensloth.oak.config`
+(YAML + flags), :mod:`~opensloth.oak.run_record`, :mod:`~opensloth.oak.reference`
+(SFT merge), :mod:`~opensloth.oak.round` (one DPO round), :mod:`~opensloth.oak.evaluate`
+(held-out accuracy), :mod:`~opensloth.oak.report` (table, plot), and the demo helpers
+:mod:`~opensloth.oak.tasks` (task data) and :mod:`~opensloth.oak.warmup` (full-weight SFT).
 """

@@ -60,7 +60,7 @@ def use_sft_as_reference(trainer) -> str:
 
 
 def run_dpo_round(model, tokenizer, pairs: list[dict], settings, dynamic_cfg, *, run_dir: str, env,
-                  backend: str) -> dict:
+                  backend: str, nll_weight: float = 0.0) -> dict:
     """Train ``model``'s adapter on ``pairs`` for one round and save it to ``run_dir``.
 
     Args:
@@ -70,10 +70,13 @@ def run_dpo_round(model, tokenizer, pairs: list[dict], settings, dynamic_cfg, *,
         dynamic_cfg: :class:`opensloth.dpo.controller.DynamicBetaConfig` (a fresh controller per round).
         run_dir: ``<output>/dpo/iter_<k>``: adapter, tokenizer, ``trainer_state.json``,
             ``opensloth_dpo_settings.json`` and, with dynamic beta, the margins log and controller state.
+        nll_weight: weight of an NLL term on the chosen replies added to the sigmoid DPO loss
+            (TRL ``loss_type=["sigmoid", "sft"]``); 0 is plain DPO. Fixed beta only.
 
     Returns:
         ``{"steps", "train_loss", "final_beta", "reference", "seconds", "pairs"}``.
     """
+    import dataclasses
     import os
 
     from opensloth.dpo.run import build_dpo_trainer, dpo_trainer_class, make_dpo_config, write_settings
@@ -87,6 +90,10 @@ def run_dpo_round(model, tokenizer, pairs: list[dict], settings, dynamic_cfg, *,
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     config = make_dpo_config(settings, dynamic_cfg, run_dir=run_dir, per_device=per_device,
                              world_size=env.world_size, backend=backend, dtype=dtype_name, has_eval=False)
+    if nll_weight:
+        # DPO + NLL of the chosen reply (RPO, as in iterative reasoning preference optimisation): the NLL
+        # term keeps the chosen answers likely while DPO separates them from the rejected ones.
+        config = dataclasses.replace(config, loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_weight])
     trainer_cls = dpo_trainer_class(dynamic=dynamic, backend=backend)
     trainer = build_dpo_trainer(trainer_cls, model, tokenizer, train_ds, None, config,
                                 left_truncate_to=None if settings.no_patches else settings.max_seq_length)
@@ -99,8 +106,9 @@ def run_dpo_round(model, tokenizer, pairs: list[dict], settings, dynamic_cfg, *,
                                       margins_log_path=os.path.join(run_dir, "logs", "margins", "margins.jsonl"))
     if env.is_main:
         write_settings(run_dir, settings, dynamic_cfg)
+    nll_note = f" + {nll_weight} x NLL(chosen)" if nll_weight else ""
     log_rank0(f"DPO round: {len(pairs)} pairs, {per_device} per device x {settings.grad_accum} accum x "
-              f"{env.world_size} rank(s), beta_mode={settings.beta_mode}, run dir {run_dir}")
+              f"{env.world_size} rank(s), beta_mode={settings.beta_mode}{nll_note}, run dir {run_dir}")
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

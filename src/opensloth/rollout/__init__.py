@@ -17,6 +17,8 @@ Pieces, from pure to glue:
   row with its own ``torch.Generator``, so a candidate does not depend on what
   else is in its batch.
 - :mod:`opensloth.rollout.generate` -- chat rendering and batched generation.
+- :mod:`opensloth.rollout.policy` -- load the policy: a model or LoRA adapter
+  folder, built like the trainers build it.
 - :mod:`opensloth.rollout.judges` -- the verifier judge (synthetic tasks), the
   reward-model judge (any sequence-classification model), custom callables,
   and the conversion of traces into the judged JSONL of
@@ -41,6 +43,7 @@ _EXPORTS = {
     "make_judge": "opensloth.rollout.judges",
     "judge_traces": "opensloth.rollout.judges",
     "run_rollout": "opensloth.rollout.run",
+    "load_policy": "opensloth.rollout.policy",
 }
 
 __all__ = sorted(_EXPORTS)

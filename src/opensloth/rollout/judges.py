@@ -124,9 +124,9 @@ class RewardModelJudge:
         scores: list[float] = []
         for start in range(0, len(completions), self.batch_size):
             texts = [self.render(prompt, c) for c in completions[start:start + self.batch_size]]
+            templated = bool(getattr(self.tokenizer, "chat_template", None))  # the template holds its own tokens
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=not getattr(
-                                     self.tokenizer, "chat_template", None))
+                                 max_length=self.max_length, add_special_tokens=not templated)
             with torch.no_grad():
                 logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
             scores.extend(logits[:, self.label_index].float().cpu().tolist())

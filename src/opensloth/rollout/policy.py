@@ -90,8 +90,11 @@ def load_adapter_weights(model, adapter_dir: str) -> None:
 
 
 def load_policy(model_path: str, *, adapter: str | None, backend: str, device, seed: int, dtype: str = "auto",
-                max_seq_length: int = 2048, gradient_checkpointing: bool = True):
+                max_seq_length: int = 2048, gradient_checkpointing: bool = True, lora=None):
     """The trainable policy: ``model_path`` + LoRA, with ``adapter``'s weights when given.
+
+    Args:
+        lora: :class:`opensloth.training.LoraSettings` (default: the project's q/k/v/o, r=8, alpha=16).
 
     Returns ``(model, tokenizer)``.
     """
@@ -99,7 +102,7 @@ def load_policy(model_path: str, *, adapter: str | None, backend: str, device, s
 
     model, tokenizer = load_model_and_tokenizer(
         model_path, backend=backend, max_seq_length=max_seq_length, device=device, seed=seed, dtype=dtype,
-        lora=LoraSettings(), gradient_checkpointing=gradient_checkpointing,
+        lora=lora or LoraSettings(), gradient_checkpointing=gradient_checkpointing,
     )
     if adapter is not None:
         load_adapter_weights(model, adapter)

@@ -80,6 +80,10 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
 
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit {limit} must be >= 1")
+    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
+        with open(source) as fh:
+            if not any(line.strip() for line in fh):
+                raise UserInputError(f"empty rollout: {source!r} has no prompts (the file is empty)")
     ds = load_records(source, split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
