@@ -65,7 +65,7 @@ def main() -> int:
             walltimes = {name: int(ms) / 1000 for name, ms in (line.split("\t") for line in fh if line.strip())}
 
     failures, curves = [], {}
-    print(f"\n| task | run | reference | steps | final loss | max dev loss | max dev eval_loss | max dev beta | wall s |")
+    print("\n| task | run | reference | steps | final loss | max dev loss | max dev eval_loss | max dev beta | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
         names = _runs(args.root, task)

@@ -148,7 +148,6 @@ def load_model_and_tokenizer(
     The seed is set right before the adapters are created, so the LoRA
     initialisation is identical on every rank and every world size.
     """
-    import torch
     from transformers import set_seed
 
     check_model_source(model_name)

@@ -32,14 +32,13 @@ from typing import Any, Mapping
 
 from opensloth.data.fingerprint import COMPARED_TOKENIZER_PARTS, tokenizer_fingerprint
 from opensloth.errors import UserInputError
+from opensloth.utils.atomic import write_json_atomic
 
 METADATA_FILE = "cache_metadata.json"
 READY_FILE = "READY"
 TRAIN_DIR = "train"
 VAL_DIR = "val"
 VERIFY_MODES = ("checksum", "size")
-
-from opensloth.errors import UserInputError
 
 __all__ = [
     "METADATA_FILE",
@@ -158,12 +157,7 @@ def _normalise_splits(splits: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=repr)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=2)
 
 
 def _remove_tree(path: str) -> None:

@@ -146,12 +146,9 @@ def check_loss_matches(loss, margins: list[float], beta: float, weight: float) -
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from opensloth.utils.atomic import write_json_atomic
+
+    write_json_atomic(path, payload, sort_keys=False)
 
 
 class DynamicBetaRuntime:

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
-
 from opensloth.errors import UserInputError
+from opensloth.utils.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 
 def strip_prompt_prefix(trace: str, prompt_text: str) -> str:
@@ -103,26 +102,6 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
 # --------------------------------------------------------------------------- files
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, payload) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
-
-
-def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> int:
-    """Write one JSON object per line, atomically. Returns the number of lines."""
-    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
-    return len(lines)
 
 
 def read_json(path: str):

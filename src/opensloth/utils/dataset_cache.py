@@ -340,10 +340,10 @@ def _read_marker(path: str) -> dict | None:
 
 
 def _write_marker(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, default=repr)
-    os.replace(tmp, path)
+    from opensloth.utils.atomic import write_json_atomic
+
+    # Heartbeats rewrite markers often; skip fsync (a lost heartbeat only delays a timeout).
+    write_json_atomic(path, payload, indent=None, sort_keys=False, fsync=False)
 
 
 def _remove(path: str) -> None:
