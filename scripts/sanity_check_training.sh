@@ -43,7 +43,8 @@ run() {  # task nproc label extra-args...
   local script=train_scripts/train_configurable.py common=()
   if [ "$task" = dpo ]; then
     script=train_scripts/train_dpo.py
-    common=(--dynamic_beta.warmup_steps 4 --dynamic_beta.alpha 0.05 --max_seq_length 384)
+    # zscore: beta moves even at 16 pairs per step (the deadband default cannot lower it below ~150)
+    common=(--dynamic_beta.warmup_steps 4 --dynamic_beta.alpha 0.05 --dynamic_beta.risk_rule zscore --max_seq_length 384)
   else
     common=(--max_seq_length 512 --cache_dir "$OUT/cache")
   fi
