@@ -1,14 +1,18 @@
-"""The embedded default under ``data/``: tiny Qwen3 model, chat SFT and preference files.
+"""The embedded default under ``data/``: tiny pretrained Qwen3 model, chat SFT and preference files.
 
 Rebuilt by ``python scripts/build_tiny_model.py && python scripts/make_sample_data.py``.
-The fast tests read the shipped files; the slow one loads the model with Unsloth
-in a subprocess (importing Unsloth patches TRL and transformers process-wide).
+The fast tests read the shipped files and check the build script's pure helpers;
+the slow ones rebuild a miniature model twice (same bytes) and load the shipped
+model with Unsloth in a subprocess (importing Unsloth patches TRL and
+transformers process-wide).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -40,6 +44,18 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def build():
+    return _load_script("build_tiny_model")
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -61,6 +77,8 @@ def test_model_loads_and_runs(tokenizer):
     assert model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert model.config.pad_token_id == tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert next(model.parameters()).dtype == torch.float32
+    # Generation stops at the chat turn's end or at a pretraining document's end, as in Qwen's chat models.
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.pad_token_id]
     ids = torch.tensor([tokenizer("What is 12 + 7?")["input_ids"]])
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
@@ -193,13 +211,12 @@ def test_data_folder_is_small():
     assert total < 5_000_000
     jsonl = sum(os.path.getsize(p) for p in SFT_FILES + PREF_FILES)
     assert jsonl < 3_000_000
+    assert sum(os.path.getsize(os.path.join(MODEL, f)) for f in os.listdir(MODEL)) < 2_500_000
 
 
 def test_shipped_files_match_the_generator():
     """Editing synthetic.py without rerunning make_sample_data.py fails here."""
-    spec = importlib.util.spec_from_file_location("make_sample_data", os.path.join(ROOT, "scripts", "make_sample_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("make_sample_data")
     from opensloth.data.synthetic import make_conversation, make_preference_pair
 
     for make, seed, path in [
@@ -210,6 +227,152 @@ def test_shipped_files_match_the_generator():
             head = [next(f) for _ in range(50)]
         regenerated = module.generate_split(make, seed, 50)
         assert [json.dumps(r, sort_keys=True, ensure_ascii=True) + "\n" for r in regenerated] == head
+
+
+# ---------------------------------------------------------------- pretrained base
+
+
+def test_shipped_model_is_pretrained(tokenizer):
+    """Held-out chat loss far below the uniform ln(vocab): the weights were trained, not just initialised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    records = _read_jsonl(SFT_FILES[1])[:32]
+    batch = tokenizer.apply_chat_template([r["messages"] for r in records], tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True, padding=True, return_tensors="pt")
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    real = attention[:, 1:].bool()
+    assistant = torch.as_tensor(batch["assistant_masks"])[:, 1:].bool() & real
+    uniform = math.log(len(tokenizer))  # 7.62, what the random init scored
+    # Measured at build time: 1.59 over all tokens, 1.43 over assistant replies.
+    assert nll[real].mean() < uniform / 3
+    assert nll[assistant].mean() < uniform / 4
+
+
+def test_shipped_model_is_partly_right_on_prontoqa(tokenizer):
+    """Greedy chat replies to true/false questions: above chance, not perfect (room for DPO)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    rng = random.Random("test-prontoqa")
+    tasks = [make_task(rng, kind="prontoqa", size=rng.randint(30, 150)) for _ in range(40)]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t.prompt}], tokenize=False,
+                                             add_generation_prompt=True) for t in tasks]
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = "right"
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=160, do_sample=False)
+    replies = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    accuracy = sum(check_answer(t, None, r) for t, r in zip(tasks, replies)) / len(tasks)
+    # Measured at build time: 34/40. About half the answers are "True", so chance is 0.5.
+    assert 0.6 <= accuracy < 1.0, accuracy
+
+
+def test_pretraining_never_sees_a_shipped_prompt(build):
+    shipped = build.shipped_prompts()
+    for path in SFT_FILES + PREF_FILES:
+        for record in _read_jsonl(path):
+            assert all(p in shipped for p in _user_prompts(record)), path
+    tasks = build.pretraining_tasks(seed=5, max_tokens=150, exclude=shipped)
+    drawn = [next(tasks) for _ in range(3000)]
+    assert not any(t.prompt in shipped for t in drawn)
+    counts = {kind: sum(t.kind == kind for t in drawn) for kind in TASK_KINDS}
+    assert all(counts.values()) and max(counts, key=counts.get) == "prontoqa"
+
+
+def test_pretraining_documents(build, tokenizer):
+    task = make_task(random.Random(3), kind="add", size=60)
+    messages = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.response}]
+    plain = build.render_document(task, chat=False)
+    assert plain == f"Question: {task.prompt}\nSolution: {task.response}"
+    assert not any(token in plain for token in build.SPECIAL_TOKENS)
+    assert build.render_document(task, chat=True) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert build.render_plain([{"role": "system", "content": "Be brief."}] + messages).startswith("Be brief.\n\nQuestion:")
+
+    docs = build.tokenized_documents(tokenizer, build.pretraining_tasks(1, 150, set()), chat_share=0.1, seed=2)
+    first = [next(docs) for _ in range(1000)]
+    eot, im_start = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert all(ids[-1] == eot and eot not in ids[:-1] for ids in first)
+    chat = sum(ids[0] == im_start for ids in first)
+    assert 60 <= chat <= 140, chat  # about one in ten
+
+
+def test_pack_rows_keeps_documents_whole(build):
+    rng = random.Random(0)
+    # Document i is i+1 repeated, so each run of equal tokens in a row is one document.
+    docs = [[i + 1] * rng.randint(1, 50) for i in range(400)]
+    docs[7] = [8] * 130  # longer than a row: dropped
+    rows = build.pack_rows(iter(docs), n_rows=30, row_len=128, open_rows=4)
+    assert len(rows) == 30 and all(len(row) == 128 for row in rows)
+    seen = set()
+    for row in rows:
+        body = [t for t in row if t != -1]
+        assert row[: len(body)] == body  # padding only at the end
+        runs, start = [], 0
+        for i in range(1, len(body) + 1):
+            if i == len(body) or body[i] != body[start]:
+                runs.append((body[start], i - start))
+                start = i
+        for doc_id, length in runs:
+            assert doc_id not in seen and length == len(docs[doc_id - 1])  # whole, and only once
+            seen.add(doc_id)
+    assert 8 not in seen
+    padding = sum(row.count(-1) for row in rows) / (30 * 128)
+    assert padding < 0.1
+    with pytest.raises(ValueError, match="ran out"):
+        build.pack_rows(iter(docs[:10]), n_rows=30, row_len=128)
+
+
+def test_learning_rate_schedule(build):
+    lr = lambda step: build.lr_at(step, total=110, peak=1.0, warmup=10)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway
+    assert lr(110) == pytest.approx(0.1)  # ends at a tenth
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
+
+
+def test_swap_into_place_replaces_the_whole_folder(build, tmp_path):
+    out, new = tmp_path / "model", tmp_path / ".model.new"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    build._swap_into_place(str(new), str(out))
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    assert os.listdir(out) == ["new.txt"]
+    fresh = tmp_path / ".fresh"
+    fresh.mkdir()
+    build._swap_into_place(str(fresh), str(tmp_path / "absent"))
+    assert sorted(os.listdir(tmp_path)) == ["absent", "model"]
+
+
+@pytest.mark.slow
+def test_build_is_byte_reproducible(tmp_path):
+    """Two builds of a miniature model (tokenizer, init, a few pretraining steps) write the same bytes."""
+    args = ["--corpus-conversations", "300", "--corpus-pairs", "50", "--vocab-size", "400",
+            "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1", "--num-heads", "2",
+            "--num-kv-heads", "1", "--pretrain-steps", "6", "--pretrain-batch", "2", "--pretrain-seq-len", "128"]
+
+    def digest(out, *extra):
+        result = subprocess.run([sys.executable, "scripts/build_tiny_model.py", "--out", str(out), *args, *extra],
+                                capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in sorted(os.listdir(out))}
+
+    first = digest(tmp_path / "a")
+    assert "model.safetensors" in first and first == digest(tmp_path / "b")
+    untrained = digest(tmp_path / "c", "--pretrain-steps", "0")
+    assert untrained["model.safetensors"] != first["model.safetensors"]
+    assert untrained["tokenizer.json"] == first["tokenizer.json"]
 
 
 # ---------------------------------------------------------------- verifiers

@@ -204,7 +204,8 @@ def test_lora_sft_is_merged_once_and_adapter_disabled_is_the_sft_policy(sft_adap
 
     sft_logits = _logits(sft_model)
     policy, _ = load_policy(ref["path"], adapter=None, backend="hf", device="cpu", seed=0, dtype="float32")
-    torch.testing.assert_close(_logits(policy), sft_logits, atol=1e-5, rtol=1e-5)  # fresh adapter: SFT itself
+    # merged vs unmerged: float32 re-association of W + BA, measured 1.9e-5 on the pretrained base
+    torch.testing.assert_close(_logits(policy), sft_logits, atol=1e-4, rtol=1e-4)  # fresh adapter: SFT itself
     assert not torch.allclose(sft_logits, _logits(_plain_base()), atol=1e-3), "the SFT adapter must change the model"
 
     # A continued DPO adapter changes the policy; with adapters disabled it is the SFT policy again.

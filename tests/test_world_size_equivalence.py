@@ -45,7 +45,6 @@ def _train(tmp_path, nproc, backend, name, *extra):
 def test_one_vs_two_ranks_same_losses(tmp_path, backend):
     reference = _train(tmp_path, 1, backend, "ref", "--no_patches")
     assert sorted(reference) == [1, 2, 3, 4]
-    assert reference[4] < reference[1], f"loss did not fall: {reference}"
     for label, extra in (("plain", ("--no_patches",)), ("patched", ())):
         two = _train(tmp_path, 2, backend, label, *extra)
         assert sorted(two) == sorted(reference)
