@@ -26,6 +26,7 @@ import argparse
 import builtins
 import importlib.metadata as md
 import json
+import os
 import re
 import sys
 import traceback
@@ -69,7 +70,7 @@ def allowed_distributions() -> set[str]:
     return {normalize(n) for n in IMAGE_PACKAGES + CARRIED}
 
 
-def install_blocker(allowed: set[str], blocked: dict, optional_ok: dict) -> None:
+def install_blocker(allowed: set[str], blocked: dict) -> None:
     """Refuse imports of modules whose distribution is not allowed; record who asked."""
     owners = md.packages_distributions()
     stdlib = set(sys.stdlib_module_names)
@@ -95,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
 
+    if "UNSLOTH_COMPILE_LOCATION" not in os.environ:  # keep Unsloth's generated files out of the repo
+        import tempfile
+
+        os.environ["UNSLOTH_COMPILE_LOCATION"] = tempfile.mkdtemp(prefix="unsloth_compiled_cache_")
     blocked: dict = {}
-    install_blocker(allowed_distributions(), blocked, {})
+    install_blocker(allowed_distributions(), blocked)
     failure = None
     try:
         import unsloth  # noqa: F401

@@ -12,8 +12,8 @@ env                device, versions (torch, CUDA, Unsloth, TRL, ...)            
 model              random-init Qwen3-0.6B (tiny dims in --dry-run), no download    own
 sft_throughput     tokens/s + peak memory: Unsloth / +UNSLOTH_TOKEN_BALANCE /      worker (one
                    +opensloth batch patch, same samples, alternated               ``import
-four_bit           the same SFT with load_in_4bit (needs bitsandbytes + CUDA)     unsloth``)
-packing            packed micro-batch == per-sequence forward; a leak must fail
+packing            packed micro-batch == per-sequence forward; a leak must fail   unsloth``)
+four_bit           the same SFT with load_in_4bit (needs bitsandbytes + CUDA)
 two_ranks          1 rank vs 2 ranks on one GPU (OPENSLOTH_SHARE_DEVICE=1, gloo):  train_configurable.py,
                    losses agree, no compiled-cache race, no hang                   1 and 2 ranks, parallel
 dpo                dynamic-beta DPO steps, beta trajectory                         train_dpo.py, parallel
@@ -24,7 +24,8 @@ last three run concurrently afterwards. ``OUT_DIR/results.json`` and
 ``OUT_DIR/results.md`` are rewritten whenever a stage reports, so a run cut
 short still leaves the figures of the stages that finished;
 ``OUT_DIR/gpu_check.log`` holds the driver log and the tail of every
-process's output. Exit status: 0 when no check failed, 1 otherwise.
+process's output, ``OUT_DIR/stage_logs.tar.gz`` their full output.
+Exit status: 0 when no check failed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 
-STAGES = ("env", "model", "sft_throughput", "four_bit", "packing", "two_ranks", "dpo")
-WORKER_STAGES = ("sft_throughput", "four_bit", "packing")
-TINY = os.path.join(REPO, "data", "tiny-qwen3")
+STAGES = ("env", "model", "sft_throughput", "packing", "four_bit", "two_ranks", "dpo")
+WORKER_STAGES = ("sft_throughput", "packing", "four_bit")  # run in this order: figures, correctness, optional
+TINY = os.path.join(REPO, "data", "tiny-qwen3")  # --small_model: packing, two_ranks and dpo run on it
 
 # Per-stage caps in seconds. Expected on one H100 (see docs/benchmarks.md): env 5, model 15, worker
 # import 30, sft_throughput 90, four_bit 35, packing 10, two_ranks and dpo 60-80 in parallel.
@@ -304,7 +305,7 @@ def run_worker_stages(run: Run, args, work: str, model_path: str, stages: list[s
         events_path = os.path.join(work, f"worker_events_{attempts}.jsonl")
         caps = {s: args.caps[s] for s in stages}
         cmd = [sys.executable, "scripts/gpu_check_worker.py", "--events", events_path, "--stages", ",".join(stages),
-               "--model", model_path, "--tiny", TINY, "--work", os.path.join(work, "worker")]
+               "--model", model_path, "--tiny", args.small_model, "--work", os.path.join(work, "worker")]
         cmd += [f"--timeout_{s}={caps[s]:.0f}" for s in stages]
         cmd += args.worker_args
         if args.dry_run:
@@ -392,7 +393,8 @@ def _cache_report(folder: str) -> dict:
 
 def start_two_ranks(args, work: str, timeout: float) -> list[Proc]:
     base = [
-        "train_scripts/train_configurable.py", "--model_name", TINY, "--dataset", os.path.join(REPO, "data", "sft"),
+        "train_scripts/train_configurable.py", "--model_name", args.small_model, "--dataset",
+        os.path.join(REPO, "data", "sft"),
         "--max_steps", str(args.two_ranks_steps), "--global_batch_size", "8", "--learning_rate",
         str(args.two_ranks_lr), "--dtype", "bfloat16", "--logging_steps", "1", "--output_dir",
         os.path.join(work, "ranks"), "--experiment_name", "ranks", "--max_seq_length", "512", "--seed", "3407",
@@ -459,7 +461,7 @@ def finish_two_ranks(run: Run, args, work: str, procs: list[Proc]) -> None:
 
 
 def start_dpo(args, work: str, timeout: float) -> Proc:
-    cmd = [sys.executable, "train_scripts/train_dpo.py", "--model_name", TINY,
+    cmd = [sys.executable, "train_scripts/train_dpo.py", "--model_name", args.small_model,
            "--dataset", os.path.join(REPO, "data", "preference"), "--max_steps", str(args.dpo_steps),
            "--global_batch_size", "8", "--dtype", "bfloat16", "--logging_steps", "1",
            "--output_dir", os.path.join(work, "dpo"), "--experiment_name", "dpo", "--max_seq_length", "256",
@@ -492,6 +494,24 @@ def finish_dpo(run: Run, args, work: str, proc: Proc) -> None:
     elif not betas or any(not (b == b and abs(b) != float("inf")) for b in betas):
         error = f"beta trajectory is not finite: {result['beta_used']}"
     run.stage("dpo", status="failed" if error else "ok", seconds=proc.seconds, result=result, error=error)
+
+
+def _pack_logs(work: str, dest: str, limit: int = 12 * 2**20) -> None:
+    """Every process's full output (and the worker events) in one archive, for debugging a failed stage."""
+    import tarfile
+
+    try:
+        names = sorted(n for n in os.listdir(work) if n.endswith((".log", ".jsonl")))
+        tmp = dest + ".tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for n in names:
+                tar.add(os.path.join(work, n), arcname=n)
+        if os.path.getsize(tmp) <= limit:
+            os.replace(tmp, dest)
+        else:
+            os.unlink(tmp)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- report
@@ -600,6 +620,10 @@ def main(argv=None) -> int:
     p.add_argument("--two_ranks_steps", type=int, default=None, help="optimizer steps of the 1- vs 2-rank runs")
     p.add_argument("--two_ranks_lr", type=float, default=1e-3, help="learning rate of the 1- vs 2-rank runs")
     p.add_argument("--dpo_steps", type=int, default=None, help="DPO optimizer steps")
+    p.add_argument("--small_model", default=TINY,
+                   help="small pretrained model for packing, two_ranks and dpo (default: the embedded tiny Qwen3)")
+    p.add_argument("--cap", action="append", default=[], metavar="STAGE=SECONDS",
+                   help=f"override a stage's time cap (stages, plus worker_import); repeatable")
     args, worker_args = p.parse_known_args(argv)
     args.worker_args = worker_args  # sizing flags of gpu_check_worker.py (--batch, --measure_steps, ...)
     stages = [s for s in args.stages.split(",") if s]
@@ -608,6 +632,16 @@ def main(argv=None) -> int:
         print(f"error: --stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
     args.caps = dict(DRY_CAPS if args.dry_run else GPU_CAPS)
+    for item in args.cap:
+        name, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if name not in args.caps or seconds <= 0:
+            print(f"error: --cap {item!r}: use STAGE=SECONDS with STAGE in {sorted(args.caps)}", file=sys.stderr)
+            return 2
+        args.caps[name] = seconds
     budget = args.budget or (420.0 if args.dry_run else 330.0)
     args.two_ranks_steps = args.two_ranks_steps or (4 if args.dry_run else 8)
     args.dpo_steps = args.dpo_steps or (4 if args.dry_run else 6)
@@ -679,6 +713,7 @@ def main(argv=None) -> int:
                          error=r.get("error") or "the driver stopped before this stage finished")
         run.data["meta"]["total_seconds"] = round(time.time() - run.t0, 1)
         run.save()
+        _pack_logs(work, os.path.join(args.out, "stage_logs.tar.gz"))
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     failed = run.failed()

@@ -8,7 +8,7 @@
 # Without --dry-run it first installs .whl/*.whl (no index, no deps) into a temporary --target
 # folder put first on PYTHONPATH, next to the machine's own torch/transformers/accelerate; with
 # --dry-run it uses the current interpreter's packages. Then scripts/gpu_check.py runs the stages
-# (env, model, sft_throughput, four_bit, packing, two_ranks, dpo), each with its own timeout, and
+# (env, model, sft_throughput, packing, four_bit, two_ranks, dpo), each with its own timeout, and
 # writes OUT_DIR/results.json, OUT_DIR/results.md and OUT_DIR/gpu_check.log as stages finish.
 # Extra arguments go to scripts/gpu_check.py (e.g. --stages env,model,sft_throughput --budget 300).
 # Exit status: 0 all checks passed, 1 a check failed or timed out, 2 bad usage / no CUDA device.
@@ -48,4 +48,4 @@ else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The driver keeps to its own --budget; this outer limit only stops a driver that itself hangs.
-timeout -k 10 "${GPU_CHECK_TIMEOUT:-570}" "$PY" -u scripts/gpu_check.py --out "$OUT" "$@"
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-400}" "$PY" -u scripts/gpu_check.py --out "$OUT" "$@"

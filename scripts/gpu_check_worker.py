@@ -38,7 +38,7 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("sft_throughput", "four_bit", "packing")
+STAGES = ("sft_throughput", "packing", "four_bit")
 CONFIGS = ("unsloth", "unsloth_token_balance", "opensloth")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
