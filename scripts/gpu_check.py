@@ -104,6 +104,7 @@ def _atomic_write(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -438,7 +439,14 @@ def finish_two_ranks(run: Run, args, work: str, procs: list[Proc]) -> None:
               "2ranks": _cache_report(os.path.join(work, "compiled_cache_2ranks"))}
     same_cache = caches["1rank"]["digests"] == caches["2ranks"]["digests"]
     race_free = not caches["2ranks"]["unparsable"] and not caches["2ranks"]["leftovers"]
+    log2 = open(two.log_path, errors="replace").read()
+    patch_names = ("process_group_backend", "trainer_loss_scale_out_of_place", "optimize_sft_trainer_batch_samples",
+                   "training_args_shared_device_gloo")
+    adapter = os.path.join(work, "ranks", "ranks_ws2", "adapter_model.safetensors")
     result = {
+        "gloo_group": "process group initialised: backend=gloo" in log2,
+        "patches_2ranks": [n for n in patch_names if n in log2],
+        "adapter_saved_2ranks": os.path.exists(adapter),
         "losses_1rank": [l1[s] for s in steps], "losses_2ranks": [l2[s] for s in steps],
         "max_rel_loss_difference": round(max_rel, 5) if max_rel is not None else None,
         "tolerance": RANKS_REL_TOL, "mixup_scale": round(mixup, 4) if mixup is not None else None,
@@ -448,7 +456,11 @@ def finish_two_ranks(run: Run, args, work: str, procs: list[Proc]) -> None:
         "backend_2ranks": "gloo, OPENSLOTH_SHARE_DEVICE=1",
     }
     error = None
-    if len(steps) != args.two_ranks_steps:
+    if not result["gloo_group"]:
+        error = "the 2-rank run did not report a gloo process group (OPENSLOTH_SHARE_DEVICE=1 not honoured)"
+    elif not result["adapter_saved_2ranks"]:
+        error = f"the 2-rank run saved no adapter ({adapter})"
+    elif len(steps) != args.two_ranks_steps:
         error = f"expected {args.two_ranks_steps} logged steps, got 1 rank {sorted(l1)} / 2 ranks {sorted(l2)}"
     elif max_rel is None or max_rel > RANKS_REL_TOL:
         error = f"1-rank vs 2-rank loss differs by {max_rel:.4f} (relative) > {RANKS_REL_TOL}"
@@ -551,11 +563,13 @@ def render_markdown(data: dict) -> str:
     if thr.get("summary"):
         d = thr.get("data", {})
         lines += ["", "## LoRA SFT throughput (same samples, alternated runs)", "",
-                  f"Random-init Qwen3-0.6B, LoRA r=16 on q/k/v/o/gate/up/down, bf16, gradient checkpointing "
+                  f"Random-init {st['model'].get('arch', '?')} model, LoRA r=16 on q/k/v/o/gate/up/down, bf16, "
+                  f"gradient checkpointing "
                   f"'unsloth', global batch {thr.get('global_batch')} samples, lognormal lengths (median "
                   f"{d.get('median_tokens')}, mean {d.get('mean_tokens')}, max {d.get('max_tokens')} tokens); "
                   f"{thr.get('steps_per_run')} steps per run, the first {thr.get('skipped_steps_per_run')} left out; "
-                  f"order {', '.join(thr.get('order', []))} (first round = warm-up, median of the rest).", "",
+                  f"order {', '.join(thr.get('order', []))} (the first run is a 2-step warm-up; tokens/s is the median "
+                  f"over each configuration's runs).", "",
                   "| configuration | tokens/s | vs Unsloth alone | peak allocated GiB | padding-free | losses |",
                   "|---|---|---|---|---|---|"]
         for config, s in thr["summary"].items():
@@ -596,7 +610,8 @@ def render_markdown(data: dict) -> str:
                      f"steps); compiled cache of the 2-rank "
                      f"run: {tr.get('compiled_cache_files_2ranks')} files, identical to the 1-rank cache: "
                      f"{tr.get('compiled_cache_same_as_1rank')}, unparsable {tr.get('compiled_cache_unparsable')}, "
-                     f"leftovers {tr.get('compiled_cache_leftovers')}")
+                     f"leftovers {tr.get('compiled_cache_leftovers')}; patches seen in the 2-rank log: "
+                     f"{tr.get('patches_2ranks')}; adapter saved: {tr.get('adapter_saved_2ranks')}")
     dp = st["dpo"].get("result") or {}
     if dp.get("steps"):
         lines += ["", "## Dynamic-beta DPO", "", f"trainer class {dp.get('trainer_class')}", "",

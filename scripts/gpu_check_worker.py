@@ -310,6 +310,33 @@ def _median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def _summarise(result: dict, runs: dict) -> None:
+    """Median tokens/s of the measured runs per configuration, ratios, and the same-samples check."""
+    summary = {}
+    for config in CONFIGS:
+        measured = [r for r in runs[config] if not r["warmup"]]
+        if not measured:
+            continue
+        summary[config] = {
+            "tokens_per_second": _median([r["tokens_per_second"] for r in measured]),
+            "runs": len(measured),
+            "peak_allocated_gib": max((r["peak_allocated_gib"] or 0) for r in measured)
+            if measured[0]["peak_allocated_gib"] is not None else None,
+            "losses": measured[-1]["losses"],
+            "tokens_per_step": measured[-1]["step_tokens"],
+        }
+    base = summary.get("unsloth", {}).get("tokens_per_second")
+    for s_ in summary.values():
+        tps = s_["tokens_per_second"]
+        s_["ratio_vs_unsloth"] = round(tps / base, 3) if tps and base else None
+    # Same samples per step in every configuration: the real-token counts must agree.
+    result["same_tokens_per_step"] = len({tuple(s_["tokens_per_step"]) for s_ in summary.values()}) == 1
+    losses = [s_["losses"] for s_ in summary.values() if s_["losses"]]
+    result["max_loss_difference_between_configs"] = round(max(
+        (abs(x - y) for a_ in losses for b_ in losses for x, y in zip(a_, b_)), default=0.0), 5) if losses else None
+    result["summary"] = summary
+
+
 def stage_sft_throughput(ctx: Context, emit) -> dict:
     a = ctx.args
     model, tokenizer = _load_lora_model(ctx, a.model, load_in_4bit=False, max_seq_length=a.max_tokens)
@@ -317,42 +344,26 @@ def stage_sft_throughput(ctx: Context, emit) -> dict:
     n = steps * a.batch * a.accum
     data, data_info = _dataset(ctx, tokenizer, model.config.vocab_size, n)
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    order = list(CONFIGS) + [c for _ in range(a.rounds) for c in CONFIGS]  # warm-up round, then measured ones
+    # One short warm-up run (compilation, first-use costs), then the configurations alternated: A B C A B C.
+    order = ["unsloth"] + [c for _ in range(a.rounds) for c in CONFIGS]
     runs: dict[str, list] = {c: [] for c in CONFIGS}
     result = {"data": data_info, "global_batch": a.batch * a.accum, "steps_per_run": steps,
               "skipped_steps_per_run": a.skip_steps, "order": order, "runs": runs,
               "attention": _attention_info(model)}
     for i, config in enumerate(order):
-        warm = i < len(CONFIGS)
-        rec = _one_run(ctx, model, tokenizer, data, initial, config, steps, os.path.join(a.work, f"sft_{i}"))
+        warm = i == 0
+        rec = _one_run(ctx, model, tokenizer, data, initial, config, min(2, steps) if warm else steps,
+                       os.path.join(a.work, f"sft_{i}"))
         rec["warmup"] = warm
         runs[config].append(rec)
-        emit(result)  # partial figures survive a later kill
+        _summarise(result, runs)
+        emit(result)  # partial figures survive a later timeout or kill
     _set_config("unsloth")
-    summary = {}
-    for config in CONFIGS:
-        measured = [r for r in runs[config] if not r["warmup"]] or runs[config]
-        summary[config] = {
-            "tokens_per_second": _median([r["tokens_per_second"] for r in measured]),
-            "peak_allocated_gib": max((r["peak_allocated_gib"] or 0) for r in measured) if ctx.cuda else None,
-            "losses": measured[-1]["losses"],
-            "tokens_per_step": measured[-1]["step_tokens"],
-        }
-    base = summary["unsloth"]["tokens_per_second"]
-    for config in CONFIGS:
-        tps = summary[config]["tokens_per_second"]
-        summary[config]["ratio_vs_unsloth"] = round(tps / base, 3) if tps and base else None
-    # Same samples per step in every configuration: the real-token counts must agree.
-    result["same_tokens_per_step"] = len({tuple(s["tokens_per_step"]) for s in summary.values()}) == 1
-    losses = [s["losses"] for s in summary.values()]
-    result["max_loss_difference_between_configs"] = round(max(
-        abs(x - y) for a_ in losses for b_ in losses for x, y in zip(a_, b_)), 5) if all(losses) else None
-    result["summary"] = summary
     del model
     ctx.free()
-    if not result["same_tokens_per_step"]:
-        raise RuntimeError("the configurations trained on different tokens per step: "
-                           + json.dumps({k: v["tokens_per_step"] for k, v in summary.items()}))
+    if len(result["summary"]) == len(CONFIGS) and not result["same_tokens_per_step"]:
+        raise CheckFailed("the configurations trained on different tokens per step: "
+                          + json.dumps({k: v["tokens_per_step"] for k, v in result["summary"].items()}), result)
     return result
 
 
