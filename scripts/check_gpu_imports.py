@@ -57,8 +57,8 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 
 # scripts/gpu_wheels.sh PINS, plus opensloth itself (PYTHONPATH=src on the device).
 CARRIED = """
-unsloth unsloth-zoo trl datasets dill multiprocess cut-cross-entropy peft bitsandbytes tyro docstring-parser
-typeguard msgspec opensloth
+unsloth unsloth-zoo trl datasets fsspec dill multiprocess cut-cross-entropy peft bitsandbytes tyro
+docstring-parser typeguard msgspec opensloth
 """.split()
 
 

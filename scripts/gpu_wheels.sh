@@ -10,8 +10,9 @@
 #
 # What travels and why (read off unsloth 2026.10.9 / unsloth_zoo 2026.10.9, see docs/benchmarks.md):
 # - unsloth, unsloth_zoo, trl, datasets (+ dill, multiprocess: datasets imports both at import time),
-#   cut_cross_entropy (unsloth_zoo.loss_utils imports it on CUDA), peft (pinned to the CPU-tested
-#   0.21.2 so the image's version cannot differ).
+#   cut_cross_entropy (unsloth_zoo.loss_utils imports it on CUDA), peft and fsspec (pinned to the
+#   CPU-tested 0.21.2 / 2026.2.0, the newest fsspec datasets 4.8.5 accepts, so the image's versions
+#   cannot differ).
 # - bitsandbytes for the 4-bit stage; _gpu_init imports it inside try/except, so training without it
 #   works in 16 bit. Only libbitsandbytes_cuda130.so (torch.version.cuda == "13.0" selects it) and the
 #   CPU library are kept; the 14 other CUDA/ROCm/XPU builds are dropped (43 MB -> ~4 MB).
@@ -34,6 +35,7 @@ PINS=(
   unsloth_zoo==2026.10.9
   trl==1.15.0
   datasets==4.8.5
+  fsspec==2026.2.0
   dill==0.4.1
   multiprocess==0.70.19
   cut_cross_entropy==25.1.1
