@@ -1,40 +1,51 @@
 #!/usr/bin/env bash
-# GPU check: the opensloth SFT flow with real Unsloth kernels on every visible GPU,
-# on a randomly initialised model with the real Qwen3-0.6B architecture (no download).
-# 4-bit base weights when bitsandbytes is installed. Prints tokens/s with and without
-# opensloth's batch patches.
+# The GPU check: real Unsloth GPU path + opensloth patches on one CUDA device, in one command.
 #
-#   bash scripts/gpu_check.sh                # all visible GPUs
-#   NGPU=2 MAX_STEPS=30 bash scripts/gpu_check.sh
-set -euo pipefail
+#   bash scripts/gpu_wheels.sh                     # on a machine with a registry: fills .whl/
+#   bash scripts/gpu_check.sh OUT_DIR              # on the CUDA machine (~5 min on one H100)
+#   bash scripts/gpu_check.sh OUT_DIR --dry-run    # on CPU: the same stages on the tiny model
+#
+# Without --dry-run it first installs .whl/*.whl (no index, no deps) into a temporary --target
+# folder put first on PYTHONPATH, next to the machine's own torch/transformers/accelerate; with
+# --dry-run it uses the current interpreter's packages. Then scripts/gpu_check.py runs the stages
+# (env, model, sft_throughput, packing, four_bit, two_ranks, dpo), each with its own timeout, and
+# writes OUT_DIR/results.json, OUT_DIR/results.md and OUT_DIR/gpu_check.log as stages finish.
+# Extra arguments go to scripts/gpu_check.py (e.g. --stages env,model,sft_throughput --budget 300).
+# Exit status: 0 all checks passed, 1 a check failed or timed out, 2 bad usage / no CUDA device.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device visible; this check is for GPU machines (CPU runs: scripts/sanity_check_training.sh)" >&2
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: bash scripts/gpu_check.sh OUT_DIR [--dry-run] [gpu_check.py options]" >&2
   exit 2
 fi
-NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}
-MAX_STEPS=${MAX_STEPS:-20}
-OUT=${OUT_DIR:-outputs/gpu_check}
-MODEL_DIR=${MODEL_DIR:-$OUT/qwen3-0.6b-random}
-[ -f "$MODEL_DIR/config.json" ] || "$PY" scripts/make_random_model.py --arch qwen3-0.6b --out "$MODEL_DIR"
-Q4=""
-"$PY" -c "import bitsandbytes" 2>/dev/null && Q4="--load_in_4bit"
-COMMON=(--model_name "$MODEL_DIR" --max_steps "$MAX_STEPS" --global_batch_size $((8 * NGPU)) --max_seq_length 2048
-        --dtype bfloat16 --logging_steps 1 --output_dir "$OUT" $Q4)
-for mode in patched plain; do
-  extra=(); [ "$mode" = plain ] && extra=(--no_patches)
-  "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_scripts/train_configurable.py \
-    "${COMMON[@]}" --experiment_name "$mode" "${extra[@]}"
-done
-"$PY" - "$OUT" "$NGPU" <<'PYEOF'
-import json, os, sys
-out, ngpu = sys.argv[1], sys.argv[2]
-print(f"\n| run | GPUs | steps | train s | tokens | tokens/s |\n|---|---|---|---|---|---|")
-for mode in ("patched", "plain"):
-    hist = json.load(open(os.path.join(out, f"{mode}_ws{ngpu}", "trainer_state.json")))["log_history"]
-    runtime = next(r["train_runtime"] for r in hist if "train_runtime" in r)
-    tokens = max(r.get("num_tokens", 0) for r in hist)
-    steps = max(r["step"] for r in hist)
-    print(f"| {mode} | {ngpu} | {steps} | {runtime:.1f} | {tokens:.0f} | {tokens / runtime:,.0f} |")
-PYEOF
+OUT=$1; shift
+DRY=0
+for a in "$@"; do [ "$a" = "--dry-run" ] && DRY=1; done
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+mkdir -p "$OUT"
+
+if [ "$DRY" = 0 ]; then
+  SITE=${GPU_CHECK_SITE:-$(mktemp -d /tmp/opensloth_site.XXXXXX)}
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    t0=$(date +%s)
+    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$SITE" .whl/*.whl 2>&1 | grep -v "Running pip as the 'root' user" \
+      | tee -a "$OUT/gpu_check.log"
+    if [ "${PIPESTATUS[0]}" != 0 ]; then
+      echo "gpu_check: installing .whl/*.whl into $SITE failed" | tee -a "$OUT/gpu_check.log" >&2
+      exit 1
+    fi
+    echo "[gpu_check] installed $(ls .whl/*.whl | wc -l) wheels into $SITE in $(( $(date +%s) - t0 ))s" \
+      | tee -a "$OUT/gpu_check.log"
+  else
+    echo "[gpu_check] no .whl/*.whl: using the packages already installed" | tee -a "$OUT/gpu_check.log"
+  fi
+  export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  # Compiled kernels shared by the check's processes (the 2-rank run reuses the 1-rank run's).
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$SITE/inductor_cache}
+  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$SITE/triton_cache}
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# The driver keeps to its own --budget; this outer limit only stops a driver that itself hangs.
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-400}" "$PY" -u scripts/gpu_check.py --out "$OUT" "$@"

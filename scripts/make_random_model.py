@@ -1,6 +1,7 @@
 """Write a randomly initialised model with a real architecture (no weights download).
 
     python scripts/make_random_model.py --arch qwen3-0.6b --out /tmp/qwen3-0.6b-random
+    python scripts/make_random_model.py --arch qwen3-tiny --out /tmp/qwen3-tiny-random --dtype float32
 
 The tokenizer is the embedded one (data/tiny-qwen3); its ids are a subset of
 the model's vocabulary, which is all a throughput check needs.
@@ -15,6 +16,10 @@ ARCHS = {
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # The dimensions of the embedded data/tiny-qwen3 (CPU dry runs of scripts/gpu_check.sh).
+    "qwen3-tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=2048, max_position_embeddings=4096,
+                       rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
 }
 
 
@@ -31,10 +36,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = Qwen3Config(**ARCHS[args.arch])
-    model = Qwen3ForCausalLM(config).to(getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the saved dtype: half the memory and time for bf16
+    try:
+        model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(args.out)
-    print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params -> {args.out}")
+    print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -153,4 +153,8 @@ def build_sft_trainer(model, tokenizer, train_dataset, val_dataset, world_size: 
         processing_class=tokenizer,
     )
     log_rank0(f"SFTTrainer class in use: {type(trainer).__module__}.{type(trainer).__qualname__}")
+    from opensloth.patching.batch_samples import PATCH_NAME
+    from opensloth.patching.unsloth_compat import check_trainer_patched
+
+    check_trainer_patched(trainer, "get_batch_samples", PATCH_NAME)  # the class Unsloth rebound, not a stale one
     return trainer

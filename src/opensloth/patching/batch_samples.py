@@ -68,6 +68,7 @@ from opensloth.patching.registry import (
     swap_method,
     unpatch,
 )
+from opensloth.patching.unsloth_compat import bypass_unsloth_token_balance
 from opensloth.utils.dataset_cache import _check_distributed_environment
 from opensloth.utils.packing import (
     LAYOUTS,
@@ -327,6 +328,7 @@ def _epoch_windows(trainer, epoch_iterator, env) -> _EpochWindows:
     shard, inner = _index_source(loader)
     sampler = inner.sampler
     original = sampler.original if isinstance(sampler, _ReplaySampler) else sampler
+    original = bypass_unsloth_token_balance(original)  # UNSLOTH_TOKEN_BALANCE=1 too: our plan wins, warned
     # The stock loader synchronises the sampler's generator across ranks when its iterator starts;
     # drawing the order now (before that point) needs the same synchronisation first.
     rng_types = getattr(loader, "rng_types", None)

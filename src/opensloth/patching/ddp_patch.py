@@ -29,6 +29,14 @@ It does three things and returns the device of this rank:
    on CPU (see :mod:`opensloth.patching.trl_cpu_logprobs`), unless Unsloth's
    CPU backend already did.
 
+``OPENSLOTH_SHARE_DEVICE=1`` (testing override) puts every rank on
+``cuda:{LOCAL_RANK % device_count}`` with a gloo process group, so a
+one-GPU machine can run ``torchrun --nproc_per_node=2`` (NCCL refuses two
+ranks on one device). It also sets ``ACCELERATE_BYPASS_DEVICE_MAP=true`` so
+accelerate wraps DDP without ``device_ids=[LOCAL_RANK]``, and makes every
+``TrainingArguments`` default to ``ddp_backend="gloo"`` so accelerate's state
+matches the gloo group (patch ``training_args_shared_device_gloo``).
+
 Calling it again is a no-op that returns the same device.
 """
 
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import re
 
 from opensloth.log import log_all_ranks
@@ -189,11 +198,63 @@ def patch_training_args_cpu_ddp() -> bool:
     )
 
 
+SHARED_DEVICE_PATCH = "training_args_shared_device_gloo"
+SHARED_DEVICE_WRITTEN_FOR = "transformers 5.0-5.17 (TrainingArguments.ddp_backend) + accelerate 1.x (PartialState)"
+
+
+def _make_shared_device_post_init(original):
+    def __post_init__(self, *args, **kwargs):
+        from opensloth.utils.distributed import share_device_requested
+
+        # accelerate picks nccl for CUDA unless told otherwise and then gathers with
+        # all_gather_into_tensor, which the gloo group of shared-device ranks lacks; naming gloo here
+        # makes PartialState match the process group ddp_patch() created.
+        if (share_device_requested() and getattr(self, "ddp_backend", None) is None
+                and _check_distributed_environment().is_distributed):
+            self.ddp_backend = "gloo"
+        return original(self, *args, **kwargs)
+
+    return __post_init__
+
+
+def patch_training_args_shared_device() -> bool:
+    """``ddp_backend="gloo"`` for every ``TrainingArguments`` while ``OPENSLOTH_SHARE_DEVICE=1``.
+
+    Returns True if applied by this call, False if already in place.
+    """
+    from transformers import TrainingArguments
+
+    require_attr(TrainingArguments, "__post_init__", SHARED_DEVICE_PATCH, SHARED_DEVICE_WRITTEN_FOR)
+    if "ddp_backend" not in getattr(TrainingArguments, "__dataclass_fields__", {}):
+        raise PatchTargetError(
+            f"opensloth patch '{SHARED_DEVICE_PATCH}' (written for {SHARED_DEVICE_WRITTEN_FOR}): TrainingArguments "
+            "has no `ddp_backend` field in the installed transformers; pin transformers<=5.17.0"
+        )
+    return swap_method(
+        TrainingArguments,
+        "__post_init__",
+        _make_shared_device_post_init,
+        name=SHARED_DEVICE_PATCH,
+        written_for=SHARED_DEVICE_WRITTEN_FOR,
+        description="ddp_backend='gloo' while OPENSLOTH_SHARE_DEVICE=1 (ranks share a GPU; nccl refuses that)",
+    )
+
+
 def _pin_device(local_rank: int):
     import torch
 
+    from opensloth.utils.distributed import share_device_requested
+
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
+        if share_device_requested():
+            # Ranks share the GPUs (gloo, see preferred_backend). accelerate would wrap DDP with
+            # device_ids=[LOCAL_RANK], a device this rank's model is not on; without device_ids DDP
+            # uses the module's own device.
+            index = local_rank % count
+            os.environ.setdefault("ACCELERATE_BYPASS_DEVICE_MAP", "true")
+            torch.cuda.set_device(index)
+            return torch.device(f"cuda:{index}")
         if local_rank >= count:
             raise RuntimeError(
                 f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible; launch with "
@@ -220,12 +281,14 @@ def ddp_patch(*, patch_loss_scaling: bool = True):
             patch_trainer_loss_scaling()
         return _STATE["device"]
 
-    from opensloth.utils.distributed import ensure_process_group, preferred_backend
+    from opensloth.utils.distributed import ensure_process_group, preferred_backend, share_device_requested
 
     env = _check_distributed_environment()
     device = _pin_device(env.local_rank)
     if device.type == "cpu":
         patch_training_args_cpu_ddp()
+    elif env.is_distributed and share_device_requested():
+        patch_training_args_shared_device()
     if env.is_distributed:
         ensure_process_group(env)
         record_patch(
