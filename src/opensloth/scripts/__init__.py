@@ -1,0 +1,1 @@
+"""Command-line entry points kept at the original OpenSloth's module paths."""
