@@ -1,7 +1,7 @@
 """fp8 / bf16 export of a LoRA adapter on a CUDA GPU: merge, quantise, reload, compare logits.
 
     python scripts/gpu_export_check.py OUT.json            # GPU: fp8 and bf16 exports
-    python scripts/gpu_export_check.py OUT.json --cpu      # CPU: bf16 export, fp8 must be refused in one line
+    python scripts/gpu_export_check.py OUT.json --cpu      # CPU: the same two exports, merged on the CPU
 
 Builds a small random Qwen3 (dimensions multiples of 128, as FineGrainedFP8's 128x128 weight blocks
 need) with the embedded tokenizer, puts a random LoRA adapter (non-zero B) on all seven projections,
@@ -65,7 +65,7 @@ def main() -> int:
         print(dtype, json.dumps(report, default=str)[:1500], flush=True)
     with open(out_json, "w") as fh:
         json.dump(results, fh, indent=1, default=str)
-    ok = results["bfloat16"].get("status") == "ok" and results["fp8"].get("status") in (("refused",) if cpu else ("ok",))
+    ok = all(results[d].get("status") == "ok" for d in ("bfloat16", "fp8"))
     return 0 if ok else 1
 
 

@@ -12,7 +12,7 @@ from conftest import TINY_MODEL, run
 PROBE = "Every wumpus is a yumpus. Max is a wumpus. True or false: Max is a yumpus."
 
 
-def _random_adapter(path: str, seed: int = 1) -> str:
+def _random_adapter(path: str, seed: int = 1, scale: float = 0.5) -> str:
     """A LoRA adapter with non-zero B (so merging changes the weights), saved as a training run saves one."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -25,7 +25,7 @@ def _random_adapter(path: str, seed: int = 1) -> str:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
+                param.normal_(0, scale)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(str(TINY_MODEL)).save_pretrained(path)
     return path
@@ -96,12 +96,12 @@ def test_cli_errors_are_one_line(adapter, tmp_path):
         (["-m", "opensloth.export", str(tmp_path / "missing"), str(tmp_path / "o1")], "does not exist"),
         (["-m", "opensloth.export", adapter, str(tmp_path / "o2"), "--dtype", "int3"], "is not one of"),
     ]
-    if not __import__("torch").cuda.is_available():
-        cases += [
-            (["-m", "opensloth.export", adapter, str(tmp_path / "o3"), "--dtype", "fp8"], "CUDA GPU"),
-            # The original OpenSloth's command line: BASE LORA OUTDIR, fp8 by default.
-            (["-m", "opensloth.scripts.lora_save_fp8", str(TINY_MODEL), adapter, str(tmp_path / "o4")], "CUDA GPU"),
-        ]
+    cases += [
+        (["-m", "opensloth.export", adapter, str(tmp_path / "o3"), "--base", str(tmp_path / "nobase")],
+         "cannot be loaded"),
+        (["-m", "opensloth.scripts.lora_save_fp8", str(TINY_MODEL), str(tmp_path / "nolora"), str(tmp_path / "o4")],
+         "does not exist"),
+    ]
     for args, needle in cases:
         out = next(a for a in args if a.startswith(str(tmp_path / "o")))
         proc = run(["python", *args], timeout=120)
@@ -112,9 +112,48 @@ def test_cli_errors_are_one_line(adapter, tmp_path):
         assert not os.path.exists(out)
 
 
-def test_legacy_command_line_exports_bf16(adapter, tmp_path):
+def test_legacy_command_line_exports_fp8_that_transformers_loads(tmp_path):
+    """The original's ``lora_save_fp8.py BASE LORA OUTDIR``: fine-grained FP8 that transformers' loader reads.
+
+    The adapter's B ~ N(0, 0.05) is the size a trained adapter reaches here; with the N(0, 0.5) one of the
+    other tests the merged weights carry outliers that fp8's 3 mantissa bits round by ~20% of a logit.
+    """
+    import torch
+
+    adapter = _random_adapter(str(tmp_path / "adapter"), scale=0.05)
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
     out = tmp_path / "legacy"
-    proc = run(["python", "-m", "opensloth.scripts.lora_save_fp8", str(TINY_MODEL), adapter, str(out),
-                "--dtype", "bfloat16"], timeout=180)
+    proc = run(["python", "-m", "opensloth.scripts.lora_save_fp8", str(TINY_MODEL), adapter, str(out)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.load(open(out / "config.json"))["dtype"] == "bfloat16"
+    config = json.load(open(out / "config.json"))
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        dtypes = {key: fh.get_tensor(key).dtype for key in fh.keys()}
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert dtypes[f"{q_proj}.weight"] == torch.float8_e4m3fn and dtypes[f"{q_proj}.weight_scale_inv"] == torch.float32
+    assert sum(d == torch.float8_e4m3fn for d in dtypes.values()) == 4 * 7  # every projection of the 4 layers
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), quantization_config=FineGrainedFP8Config(dequantize=True))
+    expected = _logits(_base_plus_adapter(adapter))
+    diff = (_logits(loaded.float()) - expected).abs().max().item() / expected.abs().max().item()
+    assert diff < 8e-2, f"fp8 export is {diff:.3g} (relative) away from base + adapter"
+
+
+def test_fp8_blocks_round_trip():
+    import torch
+
+    from opensloth.export import dequantize_fp8_blockwise, quantize_fp8_blockwise
+
+    torch.manual_seed(0)
+    w = torch.randn(200, 300) * torch.logspace(-3, 1, 300)  # columns of very different scale
+    q, scale = quantize_fp8_blockwise(w)
+    assert q.shape == w.shape and q.dtype == torch.float8_e4m3fn and scale.shape == (2, 3)
+    back = dequantize_fp8_blockwise(q, scale)
+    # Each block keeps ~3 mantissa bits relative to its own largest entry: error <= 2^-4 of that block max.
+    for bi in range(2):
+        for bj in range(3):
+            block = (slice(bi * 128, (bi + 1) * 128), slice(bj * 128, (bj + 1) * 128))
+            assert (back[block] - w[block]).abs().max() <= w[block].abs().max() * 2 ** -4 + 1e-12
+    wrong = q.float() / scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:200, :300]
+    assert (wrong - w).abs().max() > 1.0, "an inverted scale convention must be detectable"
