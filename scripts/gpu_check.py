@@ -11,16 +11,22 @@ stage              what                                                         
 env                device, versions (torch, CUDA, Unsloth, TRL, ...)               own, short
 model              random-init Qwen3-0.6B (tiny dims in --dry-run), no download    own
 sft_throughput     tokens/s + peak memory: Unsloth / +UNSLOTH_TOKEN_BALANCE /      worker (one
-                   +opensloth batch patch, same samples, alternated               ``import
-packing            packed micro-batch == per-sequence forward; a leak must fail   unsloth``)
+                   +opensloth batch patch varlen / padded, same samples,          ``import
+                   each warmed up, then alternated                                unsloth``)
+packing            opensloth micro-batches == per-sequence forward; leaks fail
 four_bit           the same SFT with load_in_4bit (needs bitsandbytes + CUDA)
 two_ranks          1 rank vs 2 ranks on one GPU (OPENSLOTH_SHARE_DEVICE=1, gloo):  train_configurable.py,
-                   losses agree, no compiled-cache race, no hang                   1 and 2 ranks, parallel
-dpo                dynamic-beta DPO steps, beta trajectory                         train_dpo.py, parallel
+                   losses agree, no compiled-cache race, no hang                   1 and 2 ranks
+dpo                dynamic-beta DPO steps, beta trajectory                         train_dpo.py
 =================  ===============================================================  ==============
 
-The worker stages run first and alone on the device (they are timed); the
-last three run concurrently afterwards. ``OUT_DIR/results.json`` and
+two_ranks and dpo (the small model, correctness only) start right after env,
+alongside the model build, the worker's ``import unsloth`` and the throughput
+warm-ups; the driver writes a marker file when they have ended, and the worker
+waits for it (``--quiet_wait`` at most, recorded) before its measured runs, so
+the timed steps have the device to themselves. four_bit runs last; being
+optional (Unsloth alone, 4-bit), its timeout is reported but does not fail
+the check. ``OUT_DIR/results.json`` and
 ``OUT_DIR/results.md`` are rewritten whenever a stage reports, so a run cut
 short still leaves the figures of the stages that finished;
 ``OUT_DIR/gpu_check.log`` holds the driver log and the tail of every
@@ -48,13 +54,21 @@ STAGES = ("env", "model", "sft_throughput", "packing", "four_bit", "two_ranks", 
 WORKER_STAGES = ("sft_throughput", "packing", "four_bit")  # run in this order: figures, correctness, optional
 TINY = os.path.join(REPO, "data", "tiny-qwen3")  # --small_model: packing, two_ranks and dpo run on it
 
-# Per-stage caps in seconds. Expected on one H100 (see docs/benchmarks.md): env 5, model 15, worker
-# import 30, sft_throughput 90, four_bit 35, packing 10, two_ranks and dpo 60-80 in parallel.
-GPU_CAPS = {"env": 40, "model": 90, "worker_import": 90, "sft_throughput": 150, "four_bit": 70, "packing": 45,
+# Per-stage caps in seconds. Run 1 (H200, 2026-11-28, stages one after another): env 8, model 39 (CPU
+# init; now on the GPU), worker import 22, sft_throughput 97 (3 configurations), packing 30, two_ranks +
+# dpo 60 in parallel; four_bit was cut after ~50 s inside its first step (Unsloth's padding_choice.py:
+# its 4-bit block compile takes ~100 s). Planned path, two_ranks + dpo alongside the worker's first
+# part: env 8 + model ~12 + import ~25 + sft_throughput ~130 + packing ~35 = ~210 s, leaving four_bit
+# (cap 150; ~15 s load + ~100 s compile + steps) the ~150 s left of GPU_BUDGET; the worker's stages
+# shrink to the budget's end, and four_bit, optional, may be cut. The wheel install (~5-10 s) comes
+# before the driver starts: gpu_check.sh <= 380 s.
+GPU_CAPS = {"env": 40, "model": 90, "worker_import": 90, "sft_throughput": 150, "packing": 60, "four_bit": 150,
             "two_ranks": 150, "dpo": 150}
-DRY_CAPS = {"env": 60, "model": 90, "worker_import": 120, "sft_throughput": 240, "four_bit": 60, "packing": 90,
+DRY_CAPS = {"env": 60, "model": 90, "worker_import": 120, "sft_throughput": 240, "packing": 90, "four_bit": 60,
             "two_ranks": 300, "dpo": 300}
-PHASE2_RESERVE = 100  # seconds kept for two_ranks + dpo when the worker stages are planned
+GPU_BUDGET, DRY_BUDGET = 365.0, 480.0  # seconds for the whole driver (--budget)
+QUIET_WAIT = {"gpu": 60.0, "dry": 30.0}  # how long the throughput runs wait for two_ranks + dpo to end
+OPTIONAL = ("four_bit",)  # a timeout or skip here is reported, not a failure
 
 # 1 rank vs 2 ranks, same global batch, bf16 weights. bf16 keeps 8 mantissa bits (relative rounding
 # 2^-8 = 0.4% per operation). The two runs compute the same step on different micro-batch shapes
@@ -97,7 +111,9 @@ class Run:
         _atomic_write(os.path.join(self.out, "results.md"), render_markdown(self.data))
 
     def failed(self) -> list[str]:
-        return [s for s, r in self.data["stages"].items() if r.get("status") in ("failed", "timeout", "crashed")]
+        bad = ("failed", "crashed", "timeout")
+        return [s for s, r in self.data["stages"].items()
+                if r.get("status") in bad and not (s in OPTIONAL and r.get("status") == "timeout")]
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -264,20 +280,51 @@ def stage_env(run: Run, args, work: str) -> None:
     run.stage("env", status="ok", seconds=proc.seconds)
 
 
-def stage_model(run: Run, args, work: str) -> str | None:
-    arch = "qwen3-tiny" if args.dry_run else "qwen3-0.6b"
-    path = os.path.join(work, f"{arch}-random")
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        run.stage("model", status="ok", seconds=0.0, path=path, arch=arch, note="reused")
-        return path
-    cmd = [sys.executable, "scripts/make_random_model.py", "--arch", arch, "--out", path, "--tokenizer", TINY]
-    proc = Proc("model", cmd, child_env(args.dry_run), os.path.join(work, "model.log"), args.caps["model"])
-    wait_all([proc], run)
-    append_tail(run, proc, 10)
-    ok = proc.p.returncode == 0 and os.path.exists(os.path.join(path, "config.json"))
-    run.stage("model", status="ok" if ok else ("timeout" if proc.timed_out else "failed"), seconds=proc.seconds,
-              path=path, arch=arch, error=None if ok else proc.error_line())
-    return path if ok else None
+class ModelBuild:
+    """The model stage, run while the worker imports Unsloth; ``ready_file`` appears once it is on disk."""
+
+    def __init__(self, run: Run, args, work: str):
+        self.run = run
+        self.arch = "qwen3-tiny" if args.dry_run else "qwen3-0.6b"
+        self.path = os.path.join(work, f"{self.arch}-random")
+        self.ready_file = os.path.join(work, "model_ready")
+        self.proc, self.ok = None, None
+        if os.path.exists(os.path.join(self.path, "model.safetensors")):
+            run.stage("model", status="ok", seconds=0.0, path=self.path, arch=self.arch, note="reused")
+            self._ready()
+            return
+        cmd = [sys.executable, "scripts/make_random_model.py", "--arch", self.arch, "--out", self.path,
+               "--tokenizer", TINY, "--device", "cpu" if args.dry_run else "auto"]
+        self.proc = Proc("model", cmd, child_env(args.dry_run), os.path.join(work, "model.log"), args.caps["model"])
+        run.stage("model", status="running", arch=self.arch)
+
+    def _ready(self) -> None:
+        self.ok = True
+        with open(self.ready_file, "w") as fh:
+            fh.write(self.path + "\n")
+
+    def poll(self) -> None:
+        if self.ok is not None or self.proc.poll() is None:  # poll() also enforces the stage's cap
+            return
+        proc = self.proc
+        append_tail(self.run, proc, 10)
+        ok = proc.p.returncode == 0 and os.path.exists(os.path.join(self.path, "config.json"))
+        self.run.stage("model", status="ok" if ok else ("timeout" if proc.timed_out else "failed"),
+                       seconds=proc.seconds, path=self.path, arch=self.arch, error=None if ok else proc.error_line())
+        self.run.log(f"model: {'ok' if ok else 'FAILED'} in {proc.seconds}s")
+        if ok:
+            self._ready()
+        else:
+            self.ok = False
+
+    def wait(self, on_poll=None) -> bool:
+        while self.ok is None:
+            self.poll()
+            if on_poll is not None:
+                on_poll()
+            if self.ok is None:
+                time.sleep(0.5)
+        return self.ok
 
 
 def _read_events(path: str) -> list[dict]:
@@ -293,11 +340,21 @@ def _read_events(path: str) -> list[dict]:
     return out
 
 
-def run_worker_stages(run: Run, args, work: str, model_path: str, stages: list[str], deadline: float) -> None:
-    """Run the in-process stages in as few worker processes as possible, restarting after a crash."""
+def run_worker_stages(run: Run, args, work: str, model: ModelBuild, stages: list[str], deadline: float,
+                      background=None, quiet_file: str | None = None) -> None:
+    """Run the in-process stages in as few worker processes as possible, restarting after a crash.
+
+    The worker imports Unsloth while ``model`` is still being built and waits for its ready
+    file; ``background`` is polled while the worker runs (the stages started alongside);
+    ``quiet_file`` is the marker the worker waits for before its measured runs.
+    """
     attempts = 0
     while stages and attempts < 2:
         attempts += 1
+        if model.ok is False:
+            for s in stages:
+                run.stage(s, status="skipped", error="no model (stage 'model' failed)")
+            return
         left = deadline - time.time()
         if left < 30:
             for s in stages:
@@ -306,17 +363,27 @@ def run_worker_stages(run: Run, args, work: str, model_path: str, stages: list[s
         events_path = os.path.join(work, f"worker_events_{attempts}.jsonl")
         caps = {s: args.caps[s] for s in stages}
         cmd = [sys.executable, "scripts/gpu_check_worker.py", "--events", events_path, "--stages", ",".join(stages),
-               "--model", model_path, "--tiny", args.small_model, "--work", os.path.join(work, "worker")]
+               "--model", model.path, "--model_ready", model.ready_file, "--tiny", args.small_model,
+               "--work", os.path.join(work, "worker")]
         cmd += [f"--timeout_{s}={caps[s]:.0f}" for s in stages]
+        quiet_wait = QUIET_WAIT["dry" if args.dry_run else "gpu"]
+        if quiet_file:
+            cmd += ["--quiet_file", quiet_file, f"--quiet_wait={quiet_wait:.0f}"]
+        cmd += [f"--deadline={deadline - 5:.1f}"]  # the worker stops its own stages first, and says so
         cmd += args.worker_args
         if args.dry_run:
             cmd.append("--dry-run")
-        total = min(left, args.caps["worker_import"] + sum(caps.values()))
+        total = min(left, args.caps["worker_import"] + sum(caps.values()) + (quiet_wait if quiet_file else 0))
         env = child_env(args.dry_run, UNSLOTH_COMPILE_LOCATION=os.path.join(work, "compiled_cache_worker"))
         proc = Proc(f"worker{attempts}", cmd, env, os.path.join(work, f"worker{attempts}.log"), total)
         seen = {"n": 0}
 
         def refresh():
+            model.poll()
+            if model.ok is False and proc.p.poll() is None:
+                proc.kill()  # nothing to train on: the worker would wait for the model until its deadline
+            if background is not None:
+                background()
             events = _read_events(events_path)
             if len(events) == seen["n"]:
                 return
@@ -335,6 +402,11 @@ def run_worker_stages(run: Run, args, work: str, model_path: str, stages: list[s
                 run.stage(s, status="timeout" if proc.timed_out else "crashed", seconds=proc.seconds,
                           error=proc.error_line())
                 ended.add(s)
+        if model.ok is False:
+            for s in stages:
+                if s not in ended:
+                    run.stage(s, status="skipped", error="no model (stage 'model' failed)")
+            return
         ready = any(e.get("event") == "ready" for e in events)
         if not ready:
             msg = next((e.get("error") for e in events if e["stage"] == "_worker" and e.get("error")), None)
@@ -351,6 +423,8 @@ def apply_worker_events(run: Run, events: list[dict]) -> None:
             if e.get("event") == "ready":
                 run.data["meta"]["unsloth_import_seconds"] = e.get("import_seconds")
                 run.data["meta"]["backend"] = e.get("backend")
+            elif e.get("event") == "model_ready":
+                run.data["meta"]["worker_waited_for_model_seconds"] = e.get("waited_seconds")
             continue
         if e.get("event") == "start":
             run.data["stages"][stage].update(status="running")
@@ -390,6 +464,14 @@ def _cache_report(folder: str) -> dict:
                  if n not in digests and n not in (".locks", "__pycache__") and not n.endswith(".pyc")
                  and ("tmp" in n.lower() or n.startswith("."))]
     return {"files": len(digests), "digests": digests, "unparsable": broken, "leftovers": leftovers}
+
+
+def _layout_line(log: str) -> str | None:
+    """The batch patch's 'batch repacking layout: ...' line (what layout='auto' chose, and why)."""
+    for line in log.splitlines():
+        if "batch repacking layout:" in line:
+            return line.split("batch repacking layout:", 1)[1].strip()[:300]
+    return None
 
 
 def start_two_ranks(args, work: str, timeout: float) -> list[Proc]:
@@ -446,6 +528,7 @@ def finish_two_ranks(run: Run, args, work: str, procs: list[Proc]) -> None:
     result = {
         "gloo_group": "process group initialised: backend=gloo" in log2,
         "patches_2ranks": [n for n in patch_names if n in log2],
+        "layout_2ranks": _layout_line(log2),
         "adapter_saved_2ranks": os.path.exists(adapter),
         "losses_1rank": [l1[s] for s in steps], "losses_2ranks": [l2[s] for s in steps],
         "max_rel_loss_difference": round(max_rel, 5) if max_rel is not None else None,
@@ -551,7 +634,8 @@ def render_markdown(data: dict) -> str:
              f"{m.get('accelerate')} |",
              f"| bitsandbytes / triton / xformers / flash_attn | {m.get('bitsandbytes')} / {m.get('triton')} / "
              f"{m.get('xformers')} / {m.get('flash_attn')} |",
-             f"| `import unsloth` | {_fmt(m.get('unsloth_import_seconds'))} s (backend {m.get('backend')}) |",
+             f"| `import unsloth` | {_fmt(m.get('unsloth_import_seconds'))} s (backend {m.get('backend')}; then "
+             f"waited {_fmt(m.get('worker_waited_for_model_seconds'))} s for the model) |",
              f"| opensloth commit | {m.get('repo_commit')} |", "",
              "## Stages", "", "| stage | status | seconds | note |", "|---|---|---|---|"]
     for name in STAGES:
@@ -562,42 +646,63 @@ def render_markdown(data: dict) -> str:
     thr = (st["sft_throughput"].get("result") or {})
     if thr.get("summary"):
         d = thr.get("data", {})
-        lines += ["", "## LoRA SFT throughput (same samples, alternated runs)", "",
+        q = thr.get("quiet") or {}
+        lines += ["", "## LoRA SFT throughput (same samples; each configuration warmed up, then alternated)", "",
                   f"Random-init {st['model'].get('arch', '?')} model, LoRA r=16 on q/k/v/o/gate/up/down, bf16, "
-                  f"gradient checkpointing "
-                  f"'unsloth', global batch {thr.get('global_batch')} samples, lognormal lengths (median "
-                  f"{d.get('median_tokens')}, mean {d.get('mean_tokens')}, max {d.get('max_tokens')} tokens); "
-                  f"{thr.get('steps_per_run')} steps per run, the first {thr.get('skipped_steps_per_run')} left out; "
-                  f"order {', '.join(thr.get('order', []))} (the first run is a 2-step warm-up; tokens/s is the median "
-                  f"over each configuration's runs).", "",
-                  "| configuration | tokens/s | vs Unsloth alone | peak allocated GiB | padding-free | losses |",
-                  "|---|---|---|---|---|---|"]
-        for config, s in thr["summary"].items():
-            last = thr["runs"][config][-1]
-            flag = last.get("padding_free")
-            extra = f" (balance active: {last.get('token_balance_active')})" if config == "unsloth_token_balance" else ""
-            extra += f" (layout {last.get('opensloth_layout')})" if config == "opensloth" else ""
-            lines.append(f"| {config}{extra} | {_fmt(s.get('tokens_per_second'), 0)} | "
-                         f"{_fmt(s.get('ratio_vs_unsloth'), 3)} | {_fmt(s.get('peak_allocated_gib'), 2)} | {flag} | "
-                         f"{', '.join(f'{x:.4f}' for x in s.get('losses', []))} |")
+                  f"gradient checkpointing 'unsloth', global batch {thr.get('global_batch')} samples, lognormal "
+                  f"lengths (median {d.get('median_tokens')}, mean {d.get('mean_tokens')}, max {d.get('max_tokens')} "
+                  f"tokens). Each configuration ran once as a {thr.get('warmup_steps')}-step warm-up (Unsloth "
+                  f"compiles its transformer blocks for each new shape), then {thr.get('rounds')} alternated "
+                  f"round(s) of {thr.get('steps_per_run')} steps, the first {thr.get('skipped_steps_per_run')} of "
+                  f"each run left out. tokens/s = real tokens / seconds over the measured steps of all runs, "
+                  f"leaving out steps slower per token than {thr.get('outlier_factor')}x their run's median "
+                  f"(recompiles). Before measuring, waited {q.get('waited_s')} s for two_ranks and dpo to end "
+                  f"(device shared while measuring: {q.get('device_shared_while_measuring')}).", "",
+                  "| configuration | tokens/s | vs Unsloth alone | tokens/s per run | steps kept / left out | "
+                  "peak allocated GiB | padding-free | losses |", "|---|---|---|---|---|---|---|---|"]
+        for config, s_ in thr["summary"].items():
+            extra = ""
+            if config == "unsloth_token_balance":
+                extra = f" (balancer active: {s_.get('token_balance_active')})"
+            elif s_.get("layout"):
+                extra = f" (layout {s_['layout']}" + (", what 'auto' picks here)"
+                                                      if s_["layout"] == thr.get("auto_layout") else ")")
+            runs_ = ", ".join(_fmt(x, 0) for x in s_.get("run_tokens_per_second", []))
+            lines.append(f"| {config}{extra} | {_fmt(s_.get('tokens_per_second'), 0)} | "
+                         f"{_fmt(s_.get('ratio_vs_unsloth'), 3)} | {runs_} | {s_.get('measured_steps')} / "
+                         f"{s_.get('excluded_steps')} | {_fmt(s_.get('peak_allocated_gib'), 2)} | "
+                         f"{s_.get('padding_free')} | {', '.join(f'{x:.4f}' for x in s_.get('losses', []))} |")
         lines.append(f"\nSame real tokens per step in every configuration: {thr.get('same_tokens_per_step')}; "
                      f"largest loss difference between configurations: {thr.get('max_loss_difference_between_configs')}."
-                     f" Attention: {json.dumps(thr.get('attention'))}")
+                     f" opensloth's layout='auto' picks {thr.get('auto_layout')!r} here "
+                     f"({thr.get('auto_layout_reason')})."
+                     f" Unsloth's token balancer (UNSLOTH_TOKEN_BALANCE=1) evens out token sums between ranks and "
+                     f"accumulation micro-batches of padding-free batches only: it is off for padded batches (as "
+                     f"here: the data is pre-tokenized, so Unsloth keeps padding-free off) and cannot change the "
+                     f"total work of one process, so on this single process its row is the same computation as "
+                     f"Unsloth alone and any difference is noise. Attention: {json.dumps(thr.get('attention'))}")
+        if thr.get("cut_for_time") or thr.get("not_measured"):
+            lines.append(f"\nRuns left out for time: {thr.get('cut_for_time')}; configurations not measured: "
+                         f"{thr.get('not_measured')}.")
     q4 = st["four_bit"].get("result") or {}
-    if q4.get("tokens_per_second") is not None:
+    if q4.get("runs"):
         lines += ["", "## 4-bit LoRA SFT (load_in_4bit, Unsloth alone)", "",
-                  f"tokens/s {_fmt(q4['tokens_per_second'], 0)}, peak allocated {_fmt(q4.get('peak_allocated_gib'), 2)}"
-                  f" GiB, bitsandbytes {q4.get('bitsandbytes')}, losses {q4.get('losses')}"]
+                  f"tokens/s {_fmt(q4.get('tokens_per_second'), 0)} (steps kept / left out: {q4.get('measured_steps')}"
+                  f" / {q4.get('excluded_steps')}), peak allocated {_fmt(q4.get('peak_allocated_gib'), 2)} GiB, "
+                  f"load {q4.get('load_seconds')} s, warm-up run {q4.get('warmup_seconds')} s (compiles the 4-bit "
+                  f"blocks), bitsandbytes {q4.get('bitsandbytes')}, losses {q4.get('losses')}"
+                  + (f"; {q4['note']}" if q4.get("note") else "")]
     pk = st["packing"].get("result") or {}
     if pk.get("max_abs_logprob_diff"):
-        lines += ["", "## Packed forward vs per-sequence forward (tiny model, bf16)", "",
+        lines += ["", "## opensloth micro-batches vs per-sequence forward (tiny model, bf16)", "",
                   "| input | max abs token log-prob difference |", "|---|---|"]
         for k, v in pk["max_abs_logprob_diff"].items():
             lines.append(f"| {k} | {v} |")
         for k, v in (pk.get("errors") or {}).items():
             lines.append(f"| {k} | error: {v} |")
-        lines.append(f"\nhonest < {pk.get('honest_tolerance')}: {pk.get('honest_ok')}; naive concatenation detected "
-                     f"(> {pk.get('leak_minimum')}): {pk.get('leaks_detected')}; packed_seq_lengths authoritative: "
+        lines.append(f"\nhonest (varlen, padded, padded without mask) < {pk.get('honest_tolerance')}: "
+                     f"{pk.get('honest_ok')}; naive concatenation detected (> {pk.get('leak_minimum')}): "
+                     f"{pk.get('leaks_detected')}; packed_seq_lengths authoritative: "
                      f"{pk.get('packed_seq_lengths_authoritative')}. Attention: {json.dumps(pk.get('attention'))}")
     tr = st["two_ranks"].get("result") or {}
     if tr.get("losses_1rank"):
@@ -611,7 +716,8 @@ def render_markdown(data: dict) -> str:
                      f"run: {tr.get('compiled_cache_files_2ranks')} files, identical to the 1-rank cache: "
                      f"{tr.get('compiled_cache_same_as_1rank')}, unparsable {tr.get('compiled_cache_unparsable')}, "
                      f"leftovers {tr.get('compiled_cache_leftovers')}; patches seen in the 2-rank log: "
-                     f"{tr.get('patches_2ranks')}; adapter saved: {tr.get('adapter_saved_2ranks')}")
+                     f"{tr.get('patches_2ranks')}; adapter saved: {tr.get('adapter_saved_2ranks')}; batch patch "
+                     f"layout: {tr.get('layout_2ranks')}")
     dp = st["dpo"].get("result") or {}
     if dp.get("steps"):
         lines += ["", "## Dynamic-beta DPO", "", f"trainer class {dp.get('trainer_class')}", "",
@@ -624,13 +730,73 @@ def render_markdown(data: dict) -> str:
 # --------------------------------------------------------------------------- main
 
 
+class Background:
+    """two_ranks and dpo, run alongside the rest; finished (results recorded) as soon as they exit.
+
+    When all have ended (or none was started) the marker ``quiet_file`` is written: the worker
+    waits for it before its timed steps.
+    """
+
+    def __init__(self, run: Run, args, work: str, stages: list[str], deadline: float):
+        self.run, self.args, self.work = run, args, work
+        self.quiet_file = os.path.join(work, "background_done")
+        self.groups: dict = {}
+        self.procs: list[Proc] = []
+        for name, starter in (("two_ranks", start_two_ranks), ("dpo", start_dpo)):
+            if name not in stages:
+                continue
+            left = deadline - time.time()
+            if left < 30:
+                run.stage(name, status="skipped", error="out of time before the stage could start")
+                continue
+            timeout = min(args.caps[name], left)
+            started = starter(args, work, timeout)
+            self.groups[name] = started if isinstance(started, list) else [started]
+            self.procs += self.groups[name]
+            run.stage(name, status="running")
+            run.log(f"{name}: started alongside the other stages, up to {timeout:.0f}s")
+        self.finished: set = set()
+        self.poll()
+
+    def poll(self) -> None:
+        for name, procs in self.groups.items():
+            if name in self.finished:
+                continue
+            if any(p.poll() is None for p in procs):  # poll() also enforces each process's timeout
+                continue
+            self.finished.add(name)
+            if name == "two_ranks":
+                finish_two_ranks(self.run, self.args, self.work, procs)
+            else:
+                finish_dpo(self.run, self.args, self.work, procs[0])
+            r = self.run.data["stages"][name]
+            note = f" -- {r['error']}" if r.get("error") else ""
+            self.run.log(f"{name}: {r.get('status')} in {r.get('seconds')}s{note}")
+        if len(self.finished) == len(self.groups) and not os.path.exists(self.quiet_file):
+            with open(self.quiet_file, "w") as fh:
+                fh.write(f"{time.time()}\n")
+
+    def wait(self) -> None:
+        while len(self.finished) < len(self.groups):
+            self.poll()
+            time.sleep(1.0)
+        self.poll()
+
+    def stop(self) -> None:
+        """Kill what still runs (the driver is leaving early); their stages end up 'crashed'."""
+        for p in self.procs:
+            if p.p.poll() is None:
+                p.kill()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for results.json, results.md, gpu_check.log")
     p.add_argument("--dry-run", action="store_true", help="CPU: tiny model and sizes, same stages")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole check (default 330 on GPU, 420 dry run); later stages shrink or skip")
+                   help=f"seconds for the whole check (default {GPU_BUDGET:.0f} on GPU, {DRY_BUDGET:.0f} dry run); "
+                        "later stages shrink or are skipped")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--two_ranks_steps", type=int, default=None, help="optimizer steps of the 1- vs 2-rank runs")
     p.add_argument("--two_ranks_lr", type=float, default=1e-3, help="learning rate of the 1- vs 2-rank runs")
@@ -657,12 +823,13 @@ def main(argv=None) -> int:
             print(f"error: --cap {item!r}: use STAGE=SECONDS with STAGE in {sorted(args.caps)}", file=sys.stderr)
             return 2
         args.caps[name] = seconds
-    budget = args.budget or (420.0 if args.dry_run else 330.0)
+    budget = args.budget or (DRY_BUDGET if args.dry_run else GPU_BUDGET)
     args.two_ranks_steps = args.two_ranks_steps or (4 if args.dry_run else 8)
     args.dpo_steps = args.dpo_steps or (4 if args.dry_run else 6)
     if args.dry_run:
         args.worker_args = ["--batch", "2", "--accum", "2", "--skip_steps", "1", "--measure_steps", "1",
-                            "--rounds", "1", "--median_tokens", "48", "--max_tokens", "256"] + worker_args
+                            "--warmup_steps", "1", "--rounds", "1", "--median_tokens", "48",
+                            "--max_tokens", "256"] + worker_args
 
     os.makedirs(args.out, exist_ok=True)
     work = args.work or tempfile.mkdtemp(prefix="opensloth_gpu_check_")
@@ -674,6 +841,7 @@ def main(argv=None) -> int:
     run.save()
     deadline = time.time() + budget
     run.log(f"work dir {work}; budget {budget:.0f}s; stages {stages}; python {sys.executable}")
+    background = model = None
     try:
         if "env" in stages:
             stage_env(run, args, work)
@@ -686,42 +854,21 @@ def main(argv=None) -> int:
                     if run.data["stages"][s]["status"] == "pending":
                         run.stage(s, status="skipped", error="no CUDA device (run with --dry-run on CPU)")
                 return 2
+        # two_ranks and dpo first, in the background: they use the small model and check correctness only.
+        background = Background(run, args, work, stages, deadline)
         wanted_worker = [s for s in WORKER_STAGES if s in stages]
-        model_path = None
-        if "model" in stages or wanted_worker:
-            model_path = stage_model(run, args, work)
-        if wanted_worker:
-            if model_path is None:
-                for s in wanted_worker:
-                    run.stage(s, status="skipped", error="no model (stage 'model' failed)")
-            else:
-                phase2 = PHASE2_RESERVE if {"two_ranks", "dpo"} & set(stages) else 0
-                run_worker_stages(run, args, work, model_path, wanted_worker, deadline - phase2)
-        procs, groups = [], {}
-        left = deadline - time.time()
-        for name, starter in (("two_ranks", start_two_ranks), ("dpo", start_dpo)):
-            if name not in stages:
-                continue
-            if left < 30:
-                run.stage(name, status="skipped", error="out of time before the stage could start")
-                continue
-            timeout = min(args.caps[name], left)
-            started = starter(args, work, timeout)
-            groups[name] = started
-            procs += started if isinstance(started, list) else [started]
-            run.stage(name, status="running")
-            run.log(f"{name}: started, up to {timeout:.0f}s")
-        if procs:
-            wait_all(procs, run)
-        if "two_ranks" in groups:
-            finish_two_ranks(run, args, work, groups["two_ranks"])
-        if "dpo" in groups:
-            finish_dpo(run, args, work, groups["dpo"])
-        for name in ("two_ranks", "dpo"):
-            r = run.data["stages"][name]
-            if name in groups:
-                run.log(f"{name}: {r.get('status')} in {r.get('seconds')}s" + (f" -- {r['error']}" if r.get("error") else ""))
+        model = ModelBuild(run, args, work) if ("model" in stages or wanted_worker) else None
+        if wanted_worker:  # the worker imports Unsloth while the model is built
+            run_worker_stages(run, args, work, model, wanted_worker, deadline, background=background.poll,
+                              quiet_file=background.quiet_file if background.procs else None)
+        if model is not None:
+            model.wait(on_poll=background.poll)
+        background.wait()
     finally:
+        if background is not None:
+            background.stop()
+        if model is not None and model.proc is not None and model.proc.p.poll() is None:
+            model.proc.kill()
         for s, r in run.data["stages"].items():
             if r.get("status") in ("pending", "running"):
                 r.update(status="skipped" if r["status"] == "pending" else "crashed",

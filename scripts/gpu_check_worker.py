@@ -13,15 +13,26 @@ driver starts a fresh worker for the stages left.
 Stages:
 
 - ``sft_throughput``: LoRA SFT on the random-init model with Unsloth's path,
-  three configurations on the same samples, alternated: Unsloth alone,
-  Unsloth with ``UNSLOTH_TOKEN_BALANCE=1``, Unsloth with opensloth's batch
-  patch. Tokens/s (real tokens counted in the forward passes, first step of
-  each run excluded), peak memory, per-step losses.
+  four configurations on the same samples: Unsloth alone, Unsloth with
+  ``UNSLOTH_TOKEN_BALANCE=1``, opensloth's batch patch with
+  ``layout="varlen"`` and with ``layout="padded"`` (what ``"auto"`` picks
+  here is recorded). Each configuration is warmed up once over the same steps
+  (Unsloth compiles its transformer blocks per new shape), then the
+  configurations are alternated. Tokens/s = real tokens / seconds over the
+  measured steps (the first of each run left out), after leaving out steps
+  slower per token than 2.5x the run's median (recompiles; counted). Peak
+  memory, per-step losses.
 - ``four_bit``: the same SFT with ``load_in_4bit=True`` (needs bitsandbytes
-  and CUDA), Unsloth alone.
-- ``packing``: opensloth's packed micro-batch (``build_micro_batch``, the
-  layout the batch patch feeds Unsloth) against per-sequence forwards on the
-  tiny pretrained model, plus two leaking packings that must differ.
+  and CUDA), Unsloth alone: a warm-up run, then one measured run if time allows.
+- ``packing``: opensloth's micro-batches (``build_micro_batch``, the layouts
+  the batch patch feeds Unsloth: varlen, and right-padded rows with and
+  without their mask) against per-sequence forwards on the tiny pretrained
+  model, plus two leaking packings that must differ.
+
+Before its measured runs ``sft_throughput`` waits (``--quiet_wait`` seconds
+at most) for ``--quiet_file``, which the driver writes once the stages it
+runs alongside (two_ranks, dpo) have ended, so the timed steps have the
+device to themselves; the wait is recorded, and so is measuring without it.
 """
 
 from __future__ import annotations
@@ -39,14 +50,18 @@ import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("sft_throughput", "packing", "four_bit")
-CONFIGS = ("unsloth", "unsloth_token_balance", "opensloth")
+CONFIGS = ("unsloth", "unsloth_token_balance", "opensloth_varlen", "opensloth_padded")
+PATCH_LAYOUT = {"opensloth_varlen": "varlen", "opensloth_padded": "padded"}
+OUTLIER_FACTOR = 2.5  # a step slower per token than this x the run's median is a recompile, left out
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Packed vs per-sequence log-probs in bf16: shapes change the matmul blocking, so token log-probs
-# differ by rounding. Measured 0.056 (max over tokens) on the tiny pretrained base with Unsloth's CPU
-# backend (tests/test_packing_model.py); a cross-sequence leak gives ~8.5 there. HONEST_TOL sits
-# between with margin both ways; LEAK_MIN is what a leaking packing must at least reach.
-HONEST_TOL = 0.15
+# differ by rounding (max over tokens). Measured: 0.056 on CPU (tiny pretrained base, Unsloth's CPU
+# backend, tests/test_packing_model.py); 0.17248 on an H200 (2026-11-28, bf16, torch SDPA, Unsloth's
+# fast forward). A cross-sequence leak gives > 8 on both (8.5 naive concatenation, 12.1 one-document
+# lengths on the H200). HONEST_TOL sits ~3x above the GPU figure and 16x below a leak; LEAK_MIN is
+# what a leaking packing must at least reach.
+HONEST_TOL = 0.5
 LEAK_MIN = 1.0
 
 
@@ -63,6 +78,41 @@ class Events:
             fh.write(json.dumps(record, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+class StageClock:
+    """The running stage's deadline, which a waiting stage may extend (never past the worker's own).
+
+    A watchdog thread calls ``on_expiry`` once the deadline passes: a hung CUDA call cannot be
+    interrupted otherwise, so the callback ends the process.
+    """
+
+    def __init__(self, seconds: float, on_expiry, hard_deadline: float | None = None):
+        self.hard = hard_deadline  # time.time() of the worker's end, from --deadline
+        self.deadline = time.time() + seconds
+        if self.hard is not None:
+            self.deadline = min(self.deadline, self.hard)
+        self.on_expiry = on_expiry
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(0.5):
+            if time.time() > self.deadline:
+                self.on_expiry()
+                return
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def extend(self, seconds: float) -> None:
+        self.deadline += seconds
+        if self.hard is not None:
+            self.deadline = min(self.deadline, self.hard)
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 def one_line(exc: BaseException) -> str:
@@ -156,15 +206,33 @@ class StepMeter:
 
     def summary(self, skip: int) -> dict:
         times = [b - a for a, b in zip(self.step_ends[:-1], self.step_ends[1:])]
-        kept_t, kept_n = times[skip:], self.step_tokens[skip:]
-        seconds = sum(kept_t)
-        return {
-            "steps": len(times),
-            "measured_steps": len(kept_t),
-            "step_seconds": [round(x, 4) for x in times],
-            "step_tokens": self.step_tokens,
-            "tokens_per_second": round(sum(kept_n) / seconds, 1) if seconds > 0 else None,
-        }
+        out = robust_rate(times[skip:], self.step_tokens[skip:])
+        out.update(steps=len(times), step_seconds=[round(x, 4) for x in times], step_tokens=self.step_tokens)
+        return out
+
+
+def robust_rate(seconds: list[float], tokens: list[int], factor: float = OUTLIER_FACTOR) -> dict:
+    """Tokens/s over measured steps, leaving out steps slower per token than ``factor`` x the median.
+
+    A recompile (Unsloth compiles its blocks per new shape) makes one step several times slower
+    than its token count explains; such steps are excluded and counted. Per token, not per step,
+    because steps hold different numbers of tokens. Returns ``tokens``, ``seconds`` (kept sums),
+    ``tokens_per_second``, ``measured_steps``, ``excluded_steps``, ``excluded_seconds``.
+    """
+    pairs = [(t, n) for t, n in zip(seconds, tokens) if n > 0 and t > 0]
+    per_token = sorted(t / n for t, n in pairs)
+    if per_token:
+        mid = len(per_token) // 2
+        median = per_token[mid] if len(per_token) % 2 else (per_token[mid - 1] + per_token[mid]) / 2
+    else:
+        median = 0.0
+    kept = [(t, n) for t, n in pairs if t / n <= factor * median]
+    dropped = [t for t, n in pairs if t / n > factor * median]
+    total_t, total_n = sum(t for t, _ in kept), sum(n for _, n in kept)
+    return {"tokens": total_n, "seconds": round(total_t, 4),
+            "tokens_per_second": round(total_n / total_t, 1) if total_t > 0 else None,
+            "measured_steps": len(kept), "excluded_steps": len(dropped),
+            "excluded_seconds": round(sum(dropped), 3)}
 
 
 class Context:
@@ -177,6 +245,7 @@ class Context:
         self.dry = args.dry_run
         self.backend = "unsloth"
         self.device = None
+        self.clock = None  # StageClock of the running stage (main sets it)
 
     def setup(self):
         """Import Unsloth first (its GPU path), then ddp_patch: what every opensloth script does."""
@@ -256,8 +325,8 @@ def _set_config(name: str) -> None:
         os.environ["UNSLOTH_TOKEN_BALANCE"] = "1"
     else:
         os.environ.pop("UNSLOTH_TOKEN_BALANCE", None)
-    if name == "opensloth":
-        patch_optimize_sft_trainer_batch_samples()
+    if name in PATCH_LAYOUT:
+        patch_optimize_sft_trainer_batch_samples(layout=PATCH_LAYOUT[name])
     else:
         unpatch_optimize_sft_trainer_batch_samples()
 
@@ -302,57 +371,91 @@ def _one_run(ctx: Context, model, tokenizer, data, initial: dict, config: str, s
     return out
 
 
-def _median(values):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def _summarise(result: dict, runs: dict) -> None:
-    """Median tokens/s of the measured runs per configuration, ratios, and the same-samples check."""
+    """Per configuration: tokens/s pooled over its measured runs, ratios, and the same-samples check."""
     summary = {}
     for config in CONFIGS:
         measured = [r for r in runs[config] if not r["warmup"]]
         if not measured:
             continue
+        tokens, seconds = sum(r["tokens"] for r in measured), sum(r["seconds"] for r in measured)
         summary[config] = {
-            "tokens_per_second": _median([r["tokens_per_second"] for r in measured]),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
             "runs": len(measured),
+            "run_tokens_per_second": [r["tokens_per_second"] for r in measured],
+            "measured_steps": sum(r["measured_steps"] for r in measured),
+            "excluded_steps": sum(r["excluded_steps"] for r in measured),
             "peak_allocated_gib": max((r["peak_allocated_gib"] or 0) for r in measured)
             if measured[0]["peak_allocated_gib"] is not None else None,
             "losses": measured[-1]["losses"],
             "tokens_per_step": measured[-1]["step_tokens"],
+            "layout": measured[-1]["opensloth_layout"],
+            "padding_free": measured[-1]["padding_free"],
+            "token_balance_active": measured[-1]["token_balance_active"],
         }
     base = summary.get("unsloth", {}).get("tokens_per_second")
     for s_ in summary.values():
         tps = s_["tokens_per_second"]
         s_["ratio_vs_unsloth"] = round(tps / base, 3) if tps and base else None
     # Same samples per step in every configuration: the real-token counts must agree.
-    result["same_tokens_per_step"] = len({tuple(s_["tokens_per_step"]) for s_ in summary.values()}) == 1
+    result["same_tokens_per_step"] = len({tuple(s_["tokens_per_step"]) for s_ in summary.values()}) <= 1
     losses = [s_["losses"] for s_ in summary.values() if s_["losses"]]
     result["max_loss_difference_between_configs"] = round(max(
         (abs(x - y) for a_ in losses for b_ in losses for x, y in zip(a_, b_)), default=0.0), 5) if losses else None
     result["summary"] = summary
 
 
-def stage_sft_throughput(ctx: Context, emit) -> dict:
+def wait_for_quiet(ctx: "Context") -> dict:
+    """Wait (bounded) until the driver says the stages run alongside have ended; extend the clock by it."""
     a = ctx.args
+    if not a.quiet_file:
+        return {"waited_s": 0.0, "device_shared_while_measuring": False}
+    t0 = time.perf_counter()
+    while not os.path.exists(a.quiet_file) and time.perf_counter() - t0 < a.quiet_wait:
+        time.sleep(0.5)
+    waited = time.perf_counter() - t0
+    if ctx.clock is not None:
+        ctx.clock.extend(waited)
+    return {"waited_s": round(waited, 1), "device_shared_while_measuring": not os.path.exists(a.quiet_file)}
+
+
+def _expected_run_seconds(previous: list[dict], steps: int) -> float:
+    """Seconds a run of ``steps`` steps should take, from this configuration's earlier runs."""
+    measured = [r for r in previous if not r["warmup"]]
+    if measured:
+        return max(r["wall_seconds"] for r in measured)
+    step_times = sorted(x for r in previous for x in r["step_seconds"][1:]) or [5.0]
+    return step_times[len(step_times) // 2] * steps + 4.0  # + trainer construction
+
+
+def stage_sft_throughput(ctx: "Context", emit) -> dict:
+    a = ctx.args
+    from opensloth.patching.batch_samples import auto_layout_for
+
     model, tokenizer = _load_lora_model(ctx, a.model, load_in_4bit=False, max_seq_length=a.max_tokens)
     steps = a.skip_steps + a.measure_steps
+    warm_steps = a.warmup_steps or steps  # default: the measured runs' own steps, so their shapes are compiled
     n = steps * a.batch * a.accum
     data, data_info = _dataset(ctx, tokenizer, model.config.vocab_size, n)
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    # One short warm-up run (compilation, first-use costs), then the configurations alternated: A B C A B C.
-    order = ["unsloth"] + [c for _ in range(a.rounds) for c in CONFIGS]
+    auto_layout, auto_reason = auto_layout_for(model)
+    # Every configuration warmed up once, then the configurations alternated: A B C D A B C D.
+    plan = [(True, c) for c in CONFIGS] + [(False, c) for _ in range(a.rounds) for c in CONFIGS]
     runs: dict[str, list] = {c: [] for c in CONFIGS}
     result = {"data": data_info, "global_batch": a.batch * a.accum, "steps_per_run": steps,
-              "skipped_steps_per_run": a.skip_steps, "order": order, "runs": runs,
-              "attention": _attention_info(model)}
-    for i, config in enumerate(order):
-        warm = i == 0
-        rec = _one_run(ctx, model, tokenizer, data, initial, config, min(2, steps) if warm else steps,
+              "skipped_steps_per_run": a.skip_steps, "warmup_steps": warm_steps, "rounds": a.rounds,
+              "order": [c for _, c in plan], "runs": runs, "outlier_factor": OUTLIER_FACTOR,
+              "auto_layout": auto_layout, "auto_layout_reason": auto_reason, "cut_for_time": [],
+              "attention": _attention_info(model), "quiet": None}
+    for i, (warm, config) in enumerate(plan):
+        if not warm and result["quiet"] is None:
+            result["quiet"] = wait_for_quiet(ctx)
+        if not warm and ctx.clock is not None:
+            need = _expected_run_seconds(runs[config], steps) + 10.0
+            if ctx.clock.left() < need:  # a cut round beats a timeout that loses the stage
+                result["cut_for_time"].append(f"run {i} ({config}): {ctx.clock.left():.0f}s left, ~{need:.0f}s needed")
+                continue
+        rec = _one_run(ctx, model, tokenizer, data, initial, config, warm_steps if warm else steps,
                        os.path.join(a.work, f"sft_{i}"))
         rec["warmup"] = warm
         runs[config].append(rec)
@@ -361,13 +464,14 @@ def stage_sft_throughput(ctx: Context, emit) -> dict:
     _set_config("unsloth")
     del model
     ctx.free()
-    if len(result["summary"]) == len(CONFIGS) and not result["same_tokens_per_step"]:
+    result["not_measured"] = [c for c in CONFIGS if c not in result["summary"]]
+    if not result["same_tokens_per_step"]:
         raise CheckFailed("the configurations trained on different tokens per step: "
                           + json.dumps({k: v["tokens_per_step"] for k, v in result["summary"].items()}), result)
     return result
 
 
-def stage_four_bit(ctx: Context, emit) -> dict:
+def stage_four_bit(ctx: "Context", emit) -> dict:
     a = ctx.args
     if not ctx.cuda:
         raise SkipStage("4-bit needs CUDA (bitsandbytes' 4-bit LoRA path)")
@@ -375,18 +479,31 @@ def stage_four_bit(ctx: Context, emit) -> dict:
         import bitsandbytes  # noqa: F401
     except Exception as exc:
         raise SkipStage(f"bitsandbytes does not import: {one_line(exc)}")
+    t0 = time.perf_counter()
     model, tokenizer = _load_lora_model(ctx, a.model, load_in_4bit=True, max_seq_length=a.max_tokens)
     steps = a.skip_steps + a.measure_steps
     data, data_info = _dataset(ctx, tokenizer, model.config.vocab_size, steps * a.batch * a.accum)
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    runs = []
-    for i in range(2):  # warm-up, then measured
-        rec = _one_run(ctx, model, tokenizer, data, initial, "unsloth", steps, os.path.join(a.work, f"q4_{i}"))
-        rec["warmup"] = i == 0
-        runs.append(rec)
-    result = {"data": data_info, "runs": runs, "bitsandbytes": bitsandbytes.__version__,
-              "tokens_per_second": runs[-1]["tokens_per_second"],
-              "peak_allocated_gib": runs[-1]["peak_allocated_gib"], "losses": runs[-1]["losses"]}
+    result = {"data": data_info, "runs": [], "bitsandbytes": bitsandbytes.__version__,
+              "load_seconds": round(time.perf_counter() - t0, 1), "note": None}
+    # 4-bit compiles its blocks anew (Unsloth's padding_choice.py: ~100 s in 4 bit): a short warm-up
+    # run first, its figures kept, then one measured run if the clock allows it.
+    warm = _one_run(ctx, model, tokenizer, data, initial, "unsloth", min(2, steps), os.path.join(a.work, "q4_0"))
+    warm["warmup"] = True
+    result["runs"].append(warm)
+    result.update(tokens_per_second=None, peak_allocated_gib=warm["peak_allocated_gib"], losses=warm["losses"],
+                  warmup_seconds=warm["wall_seconds"])
+    emit(result)
+    need = _expected_run_seconds([warm], steps) + 10.0
+    if ctx.clock is not None and ctx.clock.left() < need:
+        result["note"] = f"measured run left out: {ctx.clock.left():.0f}s left, ~{need:.0f}s needed"
+    else:
+        rec = _one_run(ctx, model, tokenizer, data, initial, "unsloth", steps, os.path.join(a.work, "q4_1"))
+        rec["warmup"] = False
+        result["runs"].append(rec)
+        result.update(tokens_per_second=rec["tokens_per_second"], peak_allocated_gib=rec["peak_allocated_gib"],
+                      losses=rec["losses"], measured_steps=rec["measured_steps"],
+                      excluded_steps=rec["excluded_steps"])
     del model
     ctx.free()
     return result
@@ -423,7 +540,7 @@ def _token_logprobs(logits, ids):
 
 
 def stage_packing(ctx: Context, emit) -> dict:
-    """Per-sequence vs opensloth's varlen micro-batch, and two leaking packings that must differ."""
+    """Per-sequence vs opensloth's varlen and padded micro-batches; two leaking packings must differ."""
     import torch
     from transformers import AutoTokenizer
 
@@ -454,19 +571,22 @@ def stage_packing(ctx: Context, emit) -> dict:
     def forward(**inputs):
         with torch.no_grad():
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            return model(**inputs, use_cache=False).logits[0]
+            return model(**inputs, use_cache=False).logits
 
-    reference = [_token_logprobs(forward(input_ids=s[None]), s.to(device)) for s in samples]
+    reference = [_token_logprobs(forward(input_ids=s[None])[0], s.to(device)) for s in samples]
     seqs = [(s, s.clone()) for s in samples]
     batch, segments = build_micro_batch(seqs, [list(range(len(seqs)))], layout="varlen",
                                         extra_fields={"packed_seq_lengths"})
     feed = {k: v for k, v in batch.items() if k != "labels"}
+    # layout="padded" (what "auto" picks on CUDA without a varlen kernel): one sample per row, padded on
+    # the right. Unsloth's fast forward drops attention_mask while training, so also without it.
+    padded, padded_segments = build_micro_batch(seqs, [[i] for i in range(len(seqs))], layout="padded")
 
-    def compare(logits):
+    def compare(logits, batch=batch, segments=segments):
         diffs = []
         for seg in segments:
-            ids = batch["input_ids"][0, seg.start:seg.start + seg.length].to(device)
-            lp = _token_logprobs(logits[seg.start:seg.start + seg.length], ids)
+            ids = batch["input_ids"][seg.row, seg.start:seg.start + seg.length].to(device)
+            lp = _token_logprobs(logits[seg.row, seg.start:seg.start + seg.length], ids)
             diffs.append(float((lp - reference[seg.source]).abs().max()))
         return max(diffs)
 
@@ -484,30 +604,40 @@ def stage_packing(ctx: Context, emit) -> dict:
                               "max_length_q": total, "max_length_k": total},
         # Leak: naive concatenation, no boundaries at all.
         "leak_naive_concat": {"input_ids": feed["input_ids"]},
+        # What the batch patch feeds for layout="padded", and the same rows with the mask dropped.
+        "opensloth_padded": {k: v for k, v in padded.items() if k != "labels"},
+        "opensloth_padded_no_mask": {"input_ids": padded["input_ids"], "position_ids": padded["position_ids"]},
     }
     diffs, errors = {}, {}
     for name, inputs in variants.items():
         try:
-            diffs[name] = round(compare(forward(**inputs)), 5)
+            layout_of = (padded, padded_segments) if name.startswith("opensloth_padded") else (batch, segments)
+            diffs[name] = round(compare(forward(**inputs), *layout_of), 5)
         except Exception as exc:
             errors[name] = one_line(exc)
     result = {"max_abs_logprob_diff": diffs, "errors": errors, "honest_tolerance": HONEST_TOL,
               "leak_minimum": LEAK_MIN, "dtype": str(next(model.parameters()).dtype),
               "attention": _attention_info(model), "sequences": [int(s.numel()) for s in samples]}
-    honest = diffs.get("opensloth_varlen")
+    honest_names = ("opensloth_varlen", "opensloth_padded", "opensloth_padded_no_mask")
+    honest_diffs = [diffs.get(n) for n in honest_names]
+    honest = None if None in honest_diffs else max(honest_diffs)
     naive = diffs.get("leak_naive_concat")
     one_doc = diffs.get("leak_one_document")
+    result["honest_max"] = honest
     result["honest_ok"] = honest is not None and honest < HONEST_TOL
     # The naive concatenation must be told apart from the honest packing, or the comparison proves nothing.
-    result["leaks_detected"] = naive is not None and naive > LEAK_MIN and (honest is None or naive > 10 * honest)
+    varlen = diffs.get("opensloth_varlen")
+    result["leaks_detected"] = naive is not None and naive > LEAK_MIN and (varlen is None or naive > 10 * varlen)
     # Informative: does the attention follow packed_seq_lengths (Unsloth's GPU path prefers it) or the
     # position_ids resets (transformers' SDPA/eager masks)? A large diff means lengths are authoritative.
     result["packed_seq_lengths_authoritative"] = None if one_doc is None else one_doc > LEAK_MIN
     del model
     ctx.free()
     if not result["honest_ok"]:
-        raise CheckFailed(f"packed log-probs differ from per-sequence ones by {honest} (tolerance {HONEST_TOL})",
-                          result)
+        missing = [n for n in honest_names if n not in diffs]
+        raise CheckFailed(f"opensloth's micro-batches differ from per-sequence forwards by {honest} (tolerance "
+                          f"{HONEST_TOL}; {dict(zip(honest_names, honest_diffs))}"
+                          + (f"; failed: {[errors.get(n) for n in missing]}" if missing else "") + ")", result)
     if not result["leaks_detected"]:
         raise CheckFailed(f"the naive concatenation was not detected (diffs {diffs}): the check cannot fail", result)
     return result
@@ -536,6 +666,8 @@ def main(argv=None) -> int:
     p.add_argument("--events", required=True, help="JSONL file the stage events are appended to")
     p.add_argument("--stages", required=True, help=f"comma-separated subset of {STAGES}")
     p.add_argument("--model", required=True, help="random-init model folder (make_random_model.py)")
+    p.add_argument("--model_ready", default=None,
+                   help="file the driver writes once --model is on disk (the worker imports Unsloth meanwhile)")
     p.add_argument("--tiny", default=os.path.join(REPO, "data", "tiny-qwen3"), help="small pretrained model")
     p.add_argument("--work", required=True, help="scratch folder")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes")
@@ -543,7 +675,16 @@ def main(argv=None) -> int:
     p.add_argument("--accum", type=int, default=2, help="gradient accumulation steps")
     p.add_argument("--skip_steps", type=int, default=1, help="first steps of each run left out of tokens/s")
     p.add_argument("--measure_steps", type=int, default=4, help="measured steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="measured rounds of the three configurations")
+    p.add_argument("--rounds", type=int, default=2, help="measured rounds of the four configurations")
+    p.add_argument("--warmup_steps", type=int, default=0,
+                   help="steps of each configuration's warm-up run (0: as many as a measured run, so the "
+                        "measured runs meet no shape the warm-up did not compile)")
+    p.add_argument("--quiet_file", default=None,
+                   help="sft_throughput waits for this file (the driver writes it when the stages run "
+                        "alongside have ended) before its measured runs")
+    p.add_argument("--quiet_wait", type=float, default=60.0, help="longest wait for --quiet_file, seconds")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="time.time() by which the worker must be done; stages shrink to fit, or are skipped")
     p.add_argument("--median_tokens", type=float, default=600.0, help="lognormal median sample length")
     p.add_argument("--sigma", type=float, default=0.9, help="lognormal sigma of the sample length")
     p.add_argument("--max_tokens", type=int, default=4096, help="longest sample (and max_length)")
@@ -568,20 +709,30 @@ def main(argv=None) -> int:
         return 1
     events.write(stage="_worker", event="ready", import_seconds=round(ctx.import_seconds, 2),
                  backend=ctx.backend, device=str(ctx.device))
+    if args.model_ready:
+        t0 = time.perf_counter()
+        while not os.path.exists(args.model_ready):
+            if args.deadline is not None and time.time() > args.deadline:
+                events.write(stage="_worker", event="end", status="failed", error="the model was never ready")
+                return 1
+            time.sleep(0.2)
+        events.write(stage="_worker", event="model_ready", waited_seconds=round(time.perf_counter() - t0, 2))
 
     for stage in stages:
         timeout = getattr(args, f"timeout_{stage}")
+        if args.deadline is not None and args.deadline - time.time() < 20:
+            events.write(stage=stage, event="end", status="skipped", seconds=0.0,
+                         error="out of time before the stage could start")
+            continue
         events.write(stage=stage, event="start", timeout=timeout)
         t0 = time.perf_counter()
 
-        def fire(stage=stage, t0=t0, timeout=timeout):
+        def fire(stage=stage, t0=t0):
             events.write(stage=stage, event="end", status="timeout", seconds=round(time.perf_counter() - t0, 2),
-                         error=f"no result within {timeout:.0f} s; worker stopped")
+                         error=f"no result within {time.perf_counter() - t0:.0f} s; worker stopped")
             os._exit(124)
 
-        timer = threading.Timer(timeout, fire)
-        timer.daemon = True
-        timer.start()
+        timer = ctx.clock = StageClock(timeout, fire, args.deadline)
 
         def emit(partial, stage=stage):
             events.write(stage=stage, event="partial", result=partial)
@@ -595,7 +746,8 @@ def main(argv=None) -> int:
             status, error, result = "failed", str(exc), exc.result
         except Exception as exc:
             status, error, tb = "failed", one_line(exc), traceback.format_exc()[-4000:]
-        timer.cancel()
+        timer.stop()
+        ctx.clock = None
         events.write(stage=stage, event="end", status=status, seconds=round(time.perf_counter() - t0, 2),
                      result=result, error=error, traceback=tb)
         if tb and ("CUDA error" in tb or "illegal memory access" in tb):

@@ -249,6 +249,66 @@ def test_changed_trainer_options_are_a_clear_error(tmp_path, tokenizer, raw):
         build(None, tokenizer, train, val, 1)
 
 
+UnslothSFTTrainer = type("UnslothSFTTrainer", (FakeTrainer,), {"__module__": "UnslothSFTTrainer"})
+
+
+class RewritingFactory(CountingFactory):
+    """Unsloth's GPU-path SFTTrainer with padding_free unset: padding-free (and max_length cleared) when it
+    tokenizes raw data, off (max_length kept) when handed tokenized rows."""
+
+    def __init__(self, trainer_cls, padding_free=None):
+        super().__init__()
+        self.trainer_cls, self.padding_free = trainer_cls, padding_free
+
+    def __call__(self, model, tokenizer, train_dataset, val_dataset, world_size):
+        raw_data = "input_ids" not in train_dataset.column_names
+        t = super().__call__(model, tokenizer, train_dataset, val_dataset, world_size)
+        args = types.SimpleNamespace(**vars(self.args), padding_free=self.padding_free)
+        if self.padding_free is None:
+            args.padding_free, args.max_length = (True, None) if raw_data else (False, self.args.max_length)
+        return self.trainer_cls(t.train_dataset, t.eval_dataset, args)
+
+
+def test_options_the_trainer_rewrote_itself_are_named_as_such(tmp_path, tokenizer, raw):
+    """Run 1 on an H200: rank 1 refused the cache rank 0 built (padding_free True/None vs False/512)."""
+    from opensloth.utils.dataset_cache import DatasetCacheMismatchError
+
+    train, val = raw
+    build = _wrap(RewritingFactory(UnslothSFTTrainer), tmp_path / "unsloth")
+    build(None, tokenizer, train, val, 1)
+    with pytest.raises(DatasetCacheMismatchError) as err:
+        build(None, tokenizer, train, val, 1)
+    msg = str(err.value)
+    assert "max_length: cached None vs now 128" in msg and "padding_free: cached True vs now False" in msg
+    assert "Unsloth's UnslothSFTTrainer rewrote them itself" in msg and "padding_free=False" in msg
+    assert "cache_key_params" not in msg
+
+    # The same differences from a trainer not known to rewrite them: the settings message.
+    build = _wrap(RewritingFactory(FakeTrainer), tmp_path / "other")
+    build(None, tokenizer, train, val, 1)
+    with pytest.raises(DatasetCacheMismatchError, match="cache_key_params") as err:
+        build(None, tokenizer, train, val, 1)
+    assert "rewrote" not in str(err.value)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_explicit_padding_free_keeps_builder_and_readers_in_agreement(tmp_path, tokenizer, raw, padding_free):
+    train, val = raw
+    factory = RewritingFactory(UnslothSFTTrainer, padding_free=padding_free)
+    build = _wrap(factory, tmp_path)
+    build(None, tokenizer, train, val, 1)
+    assert build(None, tokenizer, train, val, 1).args.padding_free is padding_free
+    assert factory.calls == ["raw", "tokenized"]
+
+
+def test_padding_free_left_unset_reads_as_off():
+    from opensloth.utils.dataset_cache import trainer_prepare_args
+
+    unset = FakeTrainer(None, None, types.SimpleNamespace(padding_free=None, max_length=8))
+    off = FakeTrainer(None, None, types.SimpleNamespace(padding_free=False, max_length=8))
+    assert trainer_prepare_args(unset) == trainer_prepare_args(off) == {"padding_free": False, "max_length": 8}
+
+
 def test_reprepared_data_is_restored(tmp_path, tokenizer, raw, oslog):
     train, val = raw
     factory = CountingFactory(shuffle=True)

@@ -280,3 +280,117 @@ def test_debug_preview_shows_targets_masks_and_boundaries(tmp_path, tok, data, p
     assert 'tok pad' in page
     with pytest.raises(ValueError, match="no batch"):
         debug_chat_dataloader_for_training([], tok, out_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# layout="auto"
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, fast, impl, varlen_kernel, expected", [
+    ("cpu", True, "sdpa", None, "varlen"),  # CPU: unchanged
+    ("cpu", False, "sdpa", None, "varlen"),
+    ("cpu", False, "eager", None, "rows4d"),
+    ("cpu", True, "eager", None, "varlen"),
+    ("cuda", True, "sdpa", False, "padded"),  # run 1 (H200, torch 2.11): SDPA, no flash-attn / xformers
+    ("cuda", True, "sdpa", None, "padded"),
+    ("cuda", True, "sdpa", True, "varlen"),
+    ("cuda", False, "sdpa", None, "padded"),
+    ("cuda", False, "eager", None, "padded"),
+    ("cuda", False, "flash_attention_2", None, "varlen"),
+    ("cuda", False, "flash_attention_3", None, "varlen"),
+])
+def test_auto_layout_decision(device, fast, impl, varlen_kernel, expected):
+    from opensloth.patching.batch_samples import choose_layout
+
+    layout, reason = choose_layout("auto", device_type=device, fast_forward=fast, attn_implementation=impl,
+                                   varlen_kernel=varlen_kernel)
+    assert layout == expected and reason
+    assert choose_layout("varlen", device_type=device, fast_forward=fast, attn_implementation=impl,
+                         varlen_kernel=varlen_kernel) == ("varlen", "configured")
+
+
+def _stub_model(device: str, fast: bool, impl: str = "sdpa"):
+    from types import SimpleNamespace
+
+    def forward(self, *args, **kwargs):
+        return None
+
+    if fast:
+        forward.__module__ = "unsloth.models.llama"
+    cls = type("StubModel", (), {"forward": forward,
+                                 "parameters": lambda self: iter([SimpleNamespace(device=torch.device(device))])})
+    model = cls()
+    model.config = SimpleNamespace(_attn_implementation=impl)
+    return model
+
+
+@pytest.mark.parametrize("flash, xformers, torch_varlen, expected", [
+    (False, False, None, "padded"), (True, False, None, "varlen"), (False, True, None, "varlen"),
+    (False, False, object(), "varlen"),
+])
+def test_auto_layout_reads_unsloths_attention_flags(monkeypatch, flash, xformers, torch_varlen, expected):
+    import sys
+    from types import SimpleNamespace
+
+    from opensloth.patching.batch_samples import auto_layout_for, unsloth_varlen_kernel
+
+    monkeypatch.setitem(sys.modules, "unsloth.models._utils", SimpleNamespace(HAS_FLASH_ATTENTION=flash))
+    monkeypatch.setitem(sys.modules, "unsloth.utils.attention_dispatch",
+                        SimpleNamespace(HAS_XFORMERS=xformers, _TORCH_VARLEN_ATTN=torch_varlen))
+    assert unsloth_varlen_kernel() is (expected == "varlen")
+    assert auto_layout_for(_stub_model("cuda", fast=True))[0] == expected
+    assert auto_layout_for(_stub_model("cpu", fast=True))[0] == "varlen"  # CPU ignores the flags
+    monkeypatch.delitem(sys.modules, "unsloth.models._utils")
+    monkeypatch.delitem(sys.modules, "unsloth.utils.attention_dispatch")
+    assert unsloth_varlen_kernel() is None
+    assert auto_layout_for(_stub_model("cuda", fast=True))[0] == "padded"  # unknown: no packed rows on CUDA
+
+
+def test_auto_layout_on_cpu_is_unchanged_and_logged_once(tmp_path, tok, data, patched, caplog):
+    import logging
+
+    from opensloth.log import get_logger
+    from opensloth.patching import batch_samples
+
+    batch_samples._LAYOUT_LOGGED.clear()
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    try:
+        for _ in range(2):
+            trainer = _trainer(tmp_path, tok, data, 8, batch=2, accum=2, max_steps=1)
+            trainer.train()
+            assert trainer._opensloth_packing_stats.layout == "varlen"  # tiny model: sdpa on CPU
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if "batch repacking layout" in r.getMessage()]
+    assert len(lines) == 1 and "varlen" in lines[0] and "cpu" in lines[0], lines
+
+
+def test_right_padded_rows_need_no_mask_under_causal_attention():
+    """layout='padded' on Unsloth's fast forward (which drops attention_mask while training) is exact."""
+    from transformers import AutoModelForCausalLM
+
+    from opensloth.utils.packing import build_micro_batch
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 500, (n,), generator=g) for n in (37, 12, 25)]
+    batch, segments = build_micro_batch([(s, s.clone()) for s in seqs], [[0], [1], [2]], layout="padded")
+    assert batch["input_ids"].shape == (3, 37) and (batch["input_ids"][1, 12:] == 0).all()  # right padding
+    assert (batch["labels"][1, 12:] == -100).all()  # pads train nothing
+    with torch.no_grad():
+        masked = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        unmasked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        alone = [model(input_ids=s[None]).logits[0] for s in seqs]
+    for seg in segments:
+        real = slice(seg.start, seg.start + seg.length)
+        ref = alone[seg.source]
+        assert torch.allclose(masked[seg.row, real], ref, atol=1e-4)
+        assert torch.allclose(unmasked[seg.row, real], ref, atol=1e-4)
+    # The check can fail: left padding without a mask changes the real tokens' logits.
+    left = torch.cat([torch.zeros(12, dtype=torch.long), seqs[2]])[None]
+    with torch.no_grad():
+        shifted = model(input_ids=left, position_ids=torch.arange(37)[None]).logits[0, 12:]
+    assert not torch.allclose(shifted, alone[2], atol=1e-2)

@@ -299,3 +299,126 @@ def test_shared_device_training_args_default_to_gloo(monkeypatch):
     single = SimpleNamespace(ddp_backend=None)
     post_init(single)
     assert single.ddp_backend is None  # one process: no group, nothing to match
+
+
+# --- padding-free: explicit in opensloth's SFTConfig --------------------------------------------
+
+def _unsloth_function(relative_path: str, name: str, **module_globals):
+    """One top-level function of an installed Unsloth file, compiled alone (Unsloth is not imported)."""
+    import ast
+
+    spec = importlib.util.find_spec("unsloth")
+    path = os.path.join(os.path.dirname(spec.origin), relative_path)
+    with open(path) as fh:
+        tree = ast.parse(fh.read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = dict(module_globals)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), path, "exec"), namespace)
+    return namespace[name]
+
+
+def _sft_config_kwargs(monkeypatch, tmp_path, **make_kwargs) -> dict:
+    """The keyword arguments make_sft_config hands to SFTConfig (TRL's own default is already False;
+    Unsloth's SFTConfig on the GPU path defaults to None, so the argument itself must be there)."""
+    from types import SimpleNamespace
+
+    import trl
+
+    from opensloth.sft import SFTRunSettings, make_sft_config
+
+    seen = {}
+
+    def recording_config(**kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(**kwargs)
+
+    monkeypatch.setattr(trl, "SFTConfig", recording_config)
+    make_sft_config(SFTRunSettings(run_dir=str(tmp_path)), **make_kwargs)
+    return seen
+
+
+def test_sft_config_turns_padding_free_off_explicitly(monkeypatch, tmp_path):
+    """Run 1 on an H200: Unsloth auto-enabled padding-free on the cache builder only (raw data)."""
+    raw = _sft_config_kwargs(monkeypatch, tmp_path, world_size=2, has_eval=False, dataset_kwargs=None)
+    tokenized = _sft_config_kwargs(monkeypatch, tmp_path, world_size=2, has_eval=False,
+                                   dataset_kwargs={"skip_prepare_dataset": True})
+    assert raw["padding_free"] is False and tokenized["padding_free"] is False  # never None ("auto" to Unsloth)
+    assert raw["packing"] is False and raw["max_length"] == tokenized["max_length"]
+
+
+@requires_unsloth
+def test_explicit_padding_free_false_stops_unsloths_auto_enable(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    should_auto = _unsloth_function("trainer.py", "_should_auto_padding_free", _AUTO_PADDING_FREE_ENV_DISABLED=False)
+    kwargs = _sft_config_kwargs(monkeypatch, tmp_path, world_size=1, has_eval=False)
+    assert should_auto(SimpleNamespace(**kwargs)) is False
+    kwargs.pop("padding_free")  # a config without the argument: Unsloth's SFTConfig leaves it None
+    assert should_auto(SimpleNamespace(**kwargs, padding_free=None)) is True
+
+
+CACHE_ON_UNSLOTH_GPU_PATH = textwrap.dedent(r"""
+    import json, os, sys
+    import unsloth  # noqa: F401  (UNSLOTH_ALLOW_CPU=1: the CUDA-shaped import path, no device)
+    import unsloth.trainer as unsloth_trainer
+    from unsloth.models import rl
+    rl._patch_trl_rl_trainers_impl("sft_trainer")  # what `import unsloth` does on a GPU machine:
+    unsloth_trainer._patch_trl_trainer()  # the compiled SFTTrainer, and the auto padding-free __init__
+    import torch, trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from opensloth.data import load_records
+    from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
+    from opensloth.sft import SFTRunSettings, build_sft_trainer, make_sft_config
+    from opensloth.utils.dataset_cache import (DatasetCacheConfig, DatasetCacheMismatchError,
+                                               cache_dataset_wrapper, sft_dataset_kwargs, trainer_prepare_args)
+
+    tiny, sft, work = sys.argv[1:4]
+    patch_optimize_sft_trainer_batch_samples()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    raw = load_records(sft, "train[:24]").select_columns(["messages"])
+
+    def unset(model, tokenizer, train, val, world_size, settings):  # a config that leaves padding_free None
+        config = make_sft_config(settings, world_size, False, dataset_kwargs=sft_dataset_kwargs(train))
+        config.padding_free = None
+        return trl.SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+
+    out = {}
+    for name, factory in (("unset", unset), ("opensloth", build_sft_trainer)):
+        settings = SFTRunSettings(run_dir=os.path.join(work, name), max_seq_length=512, max_steps=1)
+        wrapped = cache_dataset_wrapper(DatasetCacheConfig(cache_dir=os.path.join(work, "cache_" + name)),
+                                        {"max_seq_length": 512})(factory)
+        builder = wrapped(model, tok, raw, None, 1, settings)  # tokenizes the raw data, publishes it
+        out[name] = {"class": type(builder).__name__, "builder": trainer_prepare_args(builder)}
+        try:
+            reader = wrapped(model, tok, raw, None, 1, settings)  # the tokenized cache, as another rank reads it
+            out[name]["reader"] = trainer_prepare_args(reader)
+        except DatasetCacheMismatchError as exc:
+            out[name]["error"] = str(exc)
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+@requires_unsloth
+def test_cache_builder_and_readers_agree_on_unsloths_gpu_path(tmp_path):
+    """Run 1 on an H200, reproduced on CPU: with padding_free unset, Unsloth's SFTTrainer turned padding-free
+    on for the builder (raw data, max_length cleared) and off for the readers (tokenized rows)."""
+    from conftest import SFT_DATA, TINY_MODEL
+
+    script = tmp_path / "cache_gpu_path.py"
+    script.write_text(CACHE_ON_UNSLOTH_GPU_PATH)
+    proc = run(["python", str(script), str(TINY_MODEL), str(SFT_DATA), str(tmp_path)], timeout=600,
+               UNSLOTH_ALLOW_CPU="1", UNSLOTH_COMPILE_LOCATION=str(tmp_path / "unsloth_compiled_cache"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    unset, ours = res["unset"], res["opensloth"]
+    assert unset["class"] == ours["class"] == "UnslothSFTTrainer"
+    # Without the explicit flag: the failure of run 1, now named as Unsloth's own rewrite.
+    assert unset["builder"]["padding_free"] is True and unset["builder"]["max_length"] is None
+    assert "Unsloth's UnslothSFTTrainer rewrote them itself" in unset["error"]
+    assert "padding_free: cached True vs now False" in unset["error"]
+    # opensloth's config: builder and reader prepared alike, padding-free off on both.
+    assert "error" not in ours, ours.get("error")
+    assert ours["builder"] == ours["reader"] and ours["builder"]["padding_free"] is False
+    assert ours["builder"]["max_length"] == 512

@@ -66,6 +66,7 @@ trainer = SFTTrainer(
         logging_steps=1,
         max_length=1024,
         dataset_text_field="text",
+        padding_free=False,  # the batch patch packs; unset, Unsloth's GPU path would choose per data
         seed=3407,
         report_to=["tensorboard"],
         save_strategy="no",

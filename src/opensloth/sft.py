@@ -123,6 +123,13 @@ def make_sft_config(settings: SFTRunSettings, world_size: int, has_eval: bool, d
         dataset_kwargs=dataset_kwargs,
         assistant_only_loss=settings.assistant_only_loss,
         packing=False,
+        # Explicit, never None: Unsloth's SFTTrainer (GPU path, unsloth/trainer.py) auto-enables
+        # padding-free when `padding_free` is None and it tokenizes raw data itself (clearing
+        # `max_length` as TRL demands), but turns it off when handed tokenized rows ("dataset is
+        # already tokenized"). The dataset cache's builder and readers would then disagree, and
+        # 1 rank would not train like N. An explicit False stops the auto choice
+        # (`_should_auto_padding_free` needs None); opensloth's batch patch does the packing.
+        padding_free=False,
         bf16=settings.dtype == "bfloat16",
         fp16=settings.dtype == "float16",
         # Unsloth applies its own checkpointing in get_peft_model.

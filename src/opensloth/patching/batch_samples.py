@@ -48,8 +48,12 @@ Layouts (``layout=``):
   float mask (transformers SDPA/eager). Refused on Unsloth's fast forward.
 - ``"padded"``: no packing; one sample per row, 2D mask, each rank's samples
   grouped by the OpenSloth DP. Works with any model.
-- ``"auto"``: ``"rows4d"`` for transformers' eager attention (a dense
-  single-row mask would be quadratic in the micro-batch), else ``"varlen"``.
+- ``"auto"`` (:func:`choose_layout`): on CUDA, ``"varlen"`` only with a
+  varlen attention kernel (flash-attn, xformers or torch's varlen op under
+  Unsloth; ``flash_attention_*`` in transformers), else ``"padded"``. Off
+  CUDA: ``"rows4d"`` for transformers' eager attention (a dense single-row
+  mask would be quadratic in the micro-batch), else ``"varlen"``. The choice
+  and its reason are logged once.
 """
 
 from __future__ import annotations
@@ -468,24 +472,107 @@ def _sample_sequences(collator, row: dict, index: int):
 # ---------------------------------------------------------------------------
 
 
-def _resolve_layout(trainer, settings: BatchSamplesSettings) -> str:
-    model = trainer.model
+def choose_layout(requested: str, *, device_type: str, fast_forward: bool, attn_implementation: str,
+                  varlen_kernel: bool | None) -> tuple[str, str]:
+    """The layout ``"auto"`` stands for, and why (pure: no torch, no Unsloth).
+
+    Args:
+        requested: the configured layout; anything but ``"auto"`` is kept.
+        device_type: where the model runs (``"cuda"``, ``"cpu"``, ...).
+        fast_forward: the model runs Unsloth's fast forward (drops ``attention_mask``
+            while training, honours packed lengths).
+        attn_implementation: ``config._attn_implementation`` (``"sdpa"``, ``"eager"``,
+            ``"flash_attention_2"``, ...).
+        varlen_kernel: for Unsloth's fast forward, whether Unsloth can run packed rows
+            through a varlen kernel (flash-attn, xformers, torch varlen); None if unknown.
+
+    Returns:
+        ``(layout, reason)``.
+
+    On CUDA a packed row is only cheap with a varlen kernel. Without one (Unsloth on an
+    H200 with torch 2.11, no flash-attn, no xformers: torch SDPA) Unsloth runs a packed
+    row as one SDPA call per segment length or over a dense block mask, and its varlen
+    batches skip the per-block compile; plain transformers SDPA/eager builds a dense
+    block mask from the reset ``position_ids``. ``"padded"`` is then picked (the GPU check,
+    scripts/gpu_check.sh, times both): the patch's balanced, minimally padded rows,
+    padded on the right. Right padding is exact even
+    where the mask is dropped: under causal attention a real token only sees earlier
+    positions, all real tokens of its own sample, and pad positions carry label -100.
+    CPU keeps the measured default (varlen; rows4d for eager attention).
+    """
+    if requested != "auto":
+        return requested, "configured"
+    if device_type == "cuda":
+        if fast_forward:
+            if varlen_kernel:
+                return "varlen", "CUDA, Unsloth fast forward with a varlen attention kernel"
+            what = "no varlen attention kernel" if varlen_kernel is False else "varlen kernel not detected"
+            return "padded", f"CUDA, Unsloth fast forward, {what} (flash-attn / xformers / torch varlen)"
+        if attn_implementation.startswith("flash_attention"):
+            return "varlen", f"CUDA, attn_implementation={attn_implementation}"
+        return "padded", f"CUDA, attn_implementation={attn_implementation or 'unknown'} (no varlen kernel)"
+    if attn_implementation == "eager" and not fast_forward:
+        return "rows4d", "eager attention: a dense single-row mask would be quadratic in the micro-batch"
+    return "varlen", f"{device_type}: packed rows"
+
+
+def unsloth_varlen_kernel() -> bool | None:
+    """Whether Unsloth's attention dispatch has a varlen kernel for packed rows (None: unknown).
+
+    Reads Unsloth 2026.10.9's flags: ``unsloth.models._utils.HAS_FLASH_ATTENTION``,
+    ``unsloth.utils.attention_dispatch.HAS_XFORMERS`` and its ``_TORCH_VARLEN_ATTN``
+    (torch's varlen op, which Unsloth loads on torch >= 2.12 only). Never imports Unsloth.
+    """
+    import sys
+
+    utils = sys.modules.get("unsloth.models._utils")
+    dispatch = sys.modules.get("unsloth.utils.attention_dispatch")
+    if utils is None and dispatch is None:
+        return None
+    flags = [bool(getattr(utils, "HAS_FLASH_ATTENTION", False)),
+             bool(getattr(dispatch, "HAS_XFORMERS", False)),
+             getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None]
+    return any(flags)
+
+
+def _runs_unsloth_fast_forward(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, "model", base)
-    fast = any(
-        (getattr(type(m).forward, "__module__", "") or "").startswith("unsloth")
-        or "fast_forward" in getattr(type(m).forward, "__qualname__", "")
-        for m in (base, inner)
+    forwards = [getattr(type(m), "forward", None) for m in (base, inner)]
+    return any(
+        (getattr(f, "__module__", "") or "").startswith("unsloth") or "fast_forward" in getattr(f, "__qualname__", "")
+        for f in forwards
+        if f is not None
     )
+
+
+def auto_layout_for(model, requested: str = "auto") -> tuple[str, str]:
+    """:func:`choose_layout` for a (PEFT-wrapped) model: ``(layout, reason)``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fast = _runs_unsloth_fast_forward(model)
     impl = getattr(getattr(base, "config", None), "_attn_implementation", None) or ""
-    layout = settings.layout
-    if layout == "auto":
-        layout = "rows4d" if impl == "eager" and not fast else "varlen"
-    if layout == "rows4d" and fast:
+    try:
+        device_type = next(model.parameters()).device.type
+    except (StopIteration, AttributeError, TypeError):
+        device_type = "cpu"
+    varlen = unsloth_varlen_kernel() if fast and device_type == "cuda" else None
+    return choose_layout(requested, device_type=device_type, fast_forward=fast, attn_implementation=impl,
+                         varlen_kernel=varlen)
+
+
+_LAYOUT_LOGGED: set = set()
+
+
+def _resolve_layout(trainer, settings: BatchSamplesSettings) -> str:
+    layout, reason = auto_layout_for(trainer.model, settings.layout)
+    if layout == "rows4d" and _runs_unsloth_fast_forward(trainer.model):
         raise ValueError(
             "layout='rows4d' needs the model to honour a 4D attention mask, but this model runs "
             "Unsloth's fast forward, which drops attention_mask while training; use layout='varlen'"
         )
+    if (settings.layout, layout, reason) not in _LAYOUT_LOGGED:  # once per process and decision
+        _LAYOUT_LOGGED.add((settings.layout, layout, reason))
+        log_rank0(f"batch repacking layout: {layout} (layout={settings.layout!r}: {reason})")
     return layout
 
 

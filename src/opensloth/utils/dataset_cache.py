@@ -314,10 +314,28 @@ _PREPARE_FIELDS = (
 )
 
 
+# Options a trainer library rewrites on its own, depending on whether it tokenizes the data
+# itself (the cache's builder) or is handed tokenized rows (every other rank). Unsloth
+# 2026.10.9's SFTTrainer, with `padding_free` unset (None): turns padding-free on when it
+# tokenizes raw data, clearing `max_length` (unsloth/trainer.py, models/rl.py), and off
+# for already-tokenized data ("your dataset is already tokenized").
+_TRAINER_REWRITES = {"Unsloth": ("padding_free", "max_length")}
+
+
+def _trainer_library(trainer) -> str:
+    cls = type(trainer)
+    names = " ".join(f"{k.__module__}.{k.__qualname__}" for k in cls.__mro__)
+    if "unsloth" in names.lower():  # the compiled UnslothSFTTrainer lives in unsloth_compiled_cache
+        return "Unsloth"
+    return (cls.__module__ or "").split(".")[0] or cls.__qualname__
+
+
 def trainer_prepare_args(trainer) -> dict:
     """The trainer options that shaped (or would shape) its tokenized data."""
     args = getattr(trainer, "args", None)
     out = {name: getattr(args, name) for name in _PREPARE_FIELDS if hasattr(args, name)}
+    if "padding_free" in out and out["padding_free"] is None:
+        out["padding_free"] = False  # left unset after construction means off (TRL: `padding_free or ...`)
     if out.get("shuffle_dataset"):
         out["seed"] = getattr(args, "seed", None)
     return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in out.items()}
@@ -672,6 +690,20 @@ def _check_prepare_args(trainer, metadata: Mapping, path: str) -> None:
     differing = {k: (recorded[k], current[k]) for k in recorded.keys() & current.keys() if recorded[k] != current[k]}
     if differing:
         detail = ", ".join(f"{k}: cached {a!r} vs now {b!r}" for k, (a, b) in sorted(differing.items()))
+        library = _trainer_library(trainer)
+        rewritten = _TRAINER_REWRITES.get(library, ())
+        # padding_free is what the library flips; max_length only moves along with it.
+        if rewritten and rewritten[0] in differing and set(differing) <= set(rewritten):
+            # The cache key covers the settings, so with one factory only the trainer's own
+            # rewrite (raw data on the builder, tokenized rows here) can make these differ.
+            raise DatasetCacheMismatchError(
+                f"the tokenized dataset cache {path} was prepared with other trainer options ({detail}): "
+                f"{library}'s {type(trainer).__name__} rewrote them itself, differently for the raw data the "
+                f"builder tokenized and for the tokenized rows this rank reads (with padding_free unset it "
+                f"turns padding-free on when it tokenizes, clearing max_length, and off for tokenized data). "
+                f"Set padding_free explicitly in the SFTConfig (opensloth.sft.make_sft_config passes "
+                f"padding_free=False), then delete {path}."
+            )
         raise DatasetCacheMismatchError(
             f"the tokenized dataset cache {path} was prepared with other trainer options ({detail}). Add these "
             f"options to cache_key_params so that each setting gets its own cache, or delete {path}."
