@@ -39,9 +39,10 @@ import sys
 import tempfile
 import time
 
+from opensloth.markdown import update_markdown_block
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START_MARK = "<!-- bench_cache:start -->"
-END_MARK = "<!-- bench_cache:end -->"
+SECTION = "bench_cache"  # docs/benchmarks.md block between <!-- bench_cache:start/end -->
 # (name, factory, where the raw rows live, datasets cache folder)
 SCENARIOS = (
     ("stock-memory", "stock", "memory", "hf-stock-memory"),
@@ -118,9 +119,10 @@ def run_worker(args) -> None:
     from transformers import TrainerCallback
 
     from opensloth.data import load_records
-    from opensloth.utils.dataset_cache import _check_distributed_environment, sft_dataset_kwargs, simple_cache_dataset_wrapper
+    from opensloth.distributed import distributed_env
+    from opensloth.utils.dataset_cache import sft_dataset_kwargs, simple_cache_dataset_wrapper
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     model, tokenizer = load_model_and_tokenizer(
         args.model_name, backend=args.backend, max_seq_length=args.max_seq_length, device=device, seed=0,
         dtype="auto", lora=LoraSettings(), gradient_checkpointing=False, load_in_4bit=False,
@@ -208,7 +210,6 @@ def render(args, results: dict[str, list[dict]], token_count: int, elapsed: floa
         return " / ".join(fmt.format(r[key]) for r in reports)
 
     lines = [
-        START_MARK,
         "## Dataset cache: tokenize once for all ranks (`scripts/bench_cache.py`)",
         "",
         f"{args.conversations} generated chat conversations ({token_count} train tokens after the chat template, "
@@ -263,22 +264,8 @@ def render(args, results: dict[str, list[dict]], token_count: int, elapsed: floa
         f"- Time to first step is dominated by importing torch/transformers/TRL and loading the model on this "
         f"machine; tokenizing {args.conversations} short conversations with the tiny tokenizer takes seconds.",
         f"- Benchmark wall time {elapsed:.0f}s.",
-        END_MARK,
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(args, results, token_count, time.time() - start, load)
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        update_markdown_block(args.out, SECTION, section)
         print(f"updated {args.out}")
     return 0
 

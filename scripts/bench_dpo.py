@@ -34,9 +34,11 @@ import sys
 import tempfile
 import time
 
+from opensloth.markdown import update_markdown_block
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("stock", "fixed", "dynamic")
-START, END = "<!-- bench_dpo:start -->", "<!-- bench_dpo:end -->"
+SECTION = "bench_dpo"  # docs/benchmarks.md block between <!-- bench_dpo:start/end -->
 
 
 # --------------------------------------------------------------------------- child
@@ -182,21 +184,6 @@ def table(results: dict[str, list[dict]], args) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace the bench_dpo section of ``path`` (create the file or the section if missing)."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = f"{START}\n## Dynamic vs fixed beta DPO (`scripts/bench_dpo.py`)\n\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write(text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="measured optimizer steps per child")
@@ -247,7 +234,7 @@ def main(argv=None) -> int:
     body = table(results, args)
     print(body)
     if not args.no_write:
-        write_section(args.out, body)
+        update_markdown_block(args.out, SECTION, f"## Dynamic vs fixed beta DPO (`scripts/bench_dpo.py`)\n\n{body}")
         print(f"updated {args.out}")
     return 0
 

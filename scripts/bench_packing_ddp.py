@@ -48,10 +48,10 @@ def main():
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
     )
-    from opensloth.utils.dataset_cache import _check_distributed_environment
-    from opensloth.utils.distributed import all_gather_object_list, barrier
+    from opensloth.distributed import distributed_env
+    from opensloth.distributed import all_gather_object_list, barrier
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     tok = AutoTokenizer.from_pretrained("data/tiny-qwen3")
     data = load_dataset("json", data_files="data/sft/train.jsonl", split="train").select(range(args.samples))
 

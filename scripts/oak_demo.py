@@ -150,7 +150,8 @@ def main() -> None:
     total = time.perf_counter() - total
 
     sys.path.insert(0, os.path.join(REPO, "src"))
-    from opensloth.oak.report import SECTION, replace_section, summary_markdown, write_reports
+    from opensloth.markdown import update_markdown_block
+    from opensloth.oak.report import SECTION, summary_markdown, write_reports
 
     tables = {}
     for name, (label, _) in RUNS.items():
@@ -165,7 +166,7 @@ def main() -> None:
                     .replace("{{TABLE_dpo_dynamic}}", tables["dpo_dynamic"].rstrip())
                     .replace("{{TIMING}}", f"{total:.0f} s in total ({timing}); {args.nproc} rank(s), "
                                            f"backend {args.backend}"))
-        replace_section(os.path.join(REPO, "docs", "benchmarks.md"), SECTION, body)
+        update_markdown_block(os.path.join(REPO, "docs", "benchmarks.md"), SECTION, body)
         print("updated docs/benchmarks.md (oak_dpo section) and docs/img/oak_accuracy_*.png")
 
 

@@ -45,10 +45,10 @@ def main(out_dir: str, layouts: list[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples, settings_for
-    from opensloth.utils.dataset_cache import _check_distributed_environment
+    from opensloth.distributed import distributed_env
 
     patch_optimize_sft_trainer_batch_samples()
-    rank = _check_distributed_environment().rank
+    rank = distributed_env().rank
     tok = AutoTokenizer.from_pretrained("data/tiny-qwen3")
     data = load_dataset("json", data_files="data/sft/train.jsonl", split="train").select(range(11))
 

@@ -291,7 +291,8 @@ def test_sft_dataset_kwargs(raw):
 
 
 def _waiter_launch(launch_id, rank=1):
-    from opensloth.utils.dataset_cache import DistEnv, _Launch
+    from opensloth.distributed import DistEnv
+    from opensloth.utils.dataset_cache import _Launch
 
     env = DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2)
     return _Launch(env=env, use_group=False, launch_id=launch_id, host=os.uname().nodename, started=time.time())

@@ -11,7 +11,7 @@ import torch
 
 from opensloth.patching import applied_patches
 from opensloth.patching.registry import PatchTargetError, swap_method, unpatch
-from opensloth.utils.dataset_cache import DistributedEnvError, _check_distributed_environment
+from opensloth.distributed import DistributedEnvError, distributed_env
 
 from conftest import REPO, clean_env
 
@@ -19,12 +19,12 @@ from conftest import REPO, clean_env
 # --- environment -------------------------------------------------------------------------------
 
 def test_missing_env_means_one_process():
-    env = _check_distributed_environment({})
+    env = distributed_env({})
     assert (env.rank, env.local_rank, env.world_size, env.is_distributed) == (0, 0, 1, False)
 
 
 def test_torchrun_env_is_read():
-    env = _check_distributed_environment(
+    env = distributed_env(
         {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (3, 1, 4, 2)
     assert env.is_distributed and not env.is_main and not env.is_local_main
@@ -46,7 +46,7 @@ def test_torchrun_env_is_read():
 )
 def test_bad_env_names_the_variable(env, culprit):
     with pytest.raises(DistributedEnvError, match=culprit):
-        _check_distributed_environment(env)
+        distributed_env(env)
 
 
 # --- ddp_patch itself ---------------------------------------------------------------------------

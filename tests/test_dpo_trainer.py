@@ -244,7 +244,7 @@ def _fake_runtime(tmp_path):
 
 
 def test_ranks_that_disagree_stop_training(tmp_path, monkeypatch):
-    import opensloth.utils.distributed as dist_utils
+    import opensloth.distributed as dist_utils
 
     runtime = _fake_runtime(tmp_path)
     runtime.pending = [0.1, 0.2]

@@ -202,7 +202,7 @@ def test_judged_records_feed_the_data_loader_with_ties_and_empties_counted(tmp_p
     from opensloth.data.judged import build_judged_dataset
     from opensloth.rollout.judges import VerifierJudge, judge_traces
     from opensloth.rollout.run import build_pairs
-    from opensloth.rollout.traces import write_jsonl_atomic
+    from opensloth.atomic import write_jsonl_atomic
 
     records = _records([
         ["Answer: 1", "Answer: 9 (0 + 1 = 1?)", "Answer: 5"],  # right vs wrong -> a pair

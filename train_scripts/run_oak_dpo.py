@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     from opensloth.data.synthetic import TASK_KINDS
     from opensloth.rollout.policy import describe_checkpoint
     from opensloth.training import import_backend, resolve_backend
-    from opensloth.utils.dataset_cache import _check_distributed_environment
+    from opensloth.distributed import distributed_env
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     describe_checkpoint(args.sft_model, "--sft-model", allow_hub=False)
     checkable = args.dataset_type == "synthetic" or args.dataset_type in TASK_KINDS
     if args.judge == "verifier" and not checkable:
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     from opensloth.rollout.judges import make_judge
     from opensloth.rollout.policy import load_policy
     from opensloth.rollout.run import PAIRS_FILE, run_rollout
-    from opensloth.rollout.traces import write_json_atomic
-    from opensloth.utils.distributed import barrier
+    from opensloth.atomic import write_json_atomic
+    from opensloth.distributed import barrier
 
     # --- the judge ---
     judge = make_judge(args.judge, dataset_type=args.dataset_type, reward_model=args.reward_model, device=device)

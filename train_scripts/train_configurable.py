@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- setup: Unsloth first, then ddp_patch (device, process group, loss fix) ---
     from opensloth.training import import_backend, resolve_backend, resolve_per_device_batch, run_dir_for
-    from opensloth.utils.dataset_cache import _check_distributed_environment
+    from opensloth.distributed import distributed_env
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     backend = resolve_backend(args.backend)
     per_device = resolve_per_device_batch(args.per_device_batch_size, args.global_batch_size,
                                           args.grad_accum, env.world_size)

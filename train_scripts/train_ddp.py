@@ -26,9 +26,9 @@ from datasets import load_dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402
 
-from opensloth.utils.dataset_cache import _check_distributed_environment  # noqa: E402
+from opensloth.distributed import distributed_env  # noqa: E402
 
-env = _check_distributed_environment()
+env = distributed_env()
 model_name = os.environ.get("MODEL", "data/tiny-qwen3")
 dataset_dir = os.environ.get("DATASET", "data/sft")
 global_batch = int(os.environ.get("GLOBAL_BATCH", "16"))

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from opensloth.data.fingerprint import COMPARED_TOKENIZER_PARTS, tokenizer_fingerprint
 from opensloth.errors import UserInputError
-from opensloth.utils.atomic import write_json_atomic
+from opensloth.atomic import write_json_atomic
 
 METADATA_FILE = "cache_metadata.json"
 READY_FILE = "READY"

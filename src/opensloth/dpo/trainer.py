@@ -146,7 +146,7 @@ def check_loss_matches(loss, margins: list[float], beta: float, weight: float) -
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
-    from opensloth.utils.atomic import write_json_atomic
+    from opensloth.atomic import write_json_atomic
 
     write_json_atomic(path, payload, sort_keys=False)
 
@@ -174,7 +174,7 @@ class DynamicBetaRuntime:
 
     def end_step(self, global_step: int) -> list[dict]:
         """Gather the step's margins from every rank, update the controller, log. Returns the records."""
-        from opensloth.utils.distributed import all_gather_object_list
+        from opensloth.distributed import all_gather_object_list
 
         local, self.pending = self.pending, []
         gathered = all_gather_object_list({"digest": self.controller.digest(), "margins": local})

@@ -31,7 +31,7 @@ def heldout_accuracy(model, tokenizer, prompts: list[dict], *, kind: str | None,
     """
     from opensloth.rollout.generate import generate_candidates
     from opensloth.rollout.judges import VerifierJudge, judge_traces
-    from opensloth.rollout.run import gather_checked
+    from opensloth.distributed import gather_checked
     from opensloth.rollout.seeding import merge_shards, shard_indices
     from opensloth.rollout.settings import RolloutSettings
 

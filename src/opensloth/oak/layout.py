@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 
-from opensloth.rollout.traces import write_json_atomic
+from opensloth.atomic import write_json_atomic
 
 MARKER = "iteration_complete.json"
 RUN_FILE = "oak_run.json"

@@ -59,7 +59,7 @@ def prepare_reference(sft_model: str, output: str, env) -> dict:
             folder (raised on every rank), or the merge fails.
     """
     from opensloth.rollout.policy import describe_checkpoint
-    from opensloth.rollout.run import gather_checked
+    from opensloth.distributed import gather_checked
 
     kind, base, adapter = describe_checkpoint(sft_model, "--sft-model", allow_hub=False)
     if kind == "full":

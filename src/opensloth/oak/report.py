@@ -93,7 +93,7 @@ def plot_accuracy(rows: list[dict], png: str, title: str = "OaK-DPO: held-out ac
 
 def write_reports(output: str, png: str | None = None, title: str | None = None) -> dict:
     """Write ``oak_summary.json`` and ``oak_summary.md`` (and a PNG when matplotlib is installed)."""
-    from opensloth.rollout.traces import write_json_atomic, write_text_atomic
+    from opensloth.atomic import write_json_atomic, write_text_atomic
 
     rows = collect_summary(output)
     write_json_atomic(os.path.join(output, "oak_summary.json"), {"rows": rows})
@@ -107,24 +107,6 @@ def write_reports(output: str, png: str | None = None, title: str | None = None)
 
 
 SECTION = "oak_dpo"
-
-
-def replace_section(path: str, name: str, body: str) -> None:
-    """Put ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``.
-
-    The file is created when missing; the section is appended when absent; the
-    rest of the file is left byte for byte as it was.
-    """
-    from opensloth.rollout.traces import write_text_atomic
-
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
-    if start in text and end in text and text.index(start) < text.index(end):
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:

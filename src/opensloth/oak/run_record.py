@@ -37,8 +37,8 @@ def check_run_record(output: str, env, fingerprint: dict) -> None:
     Raises:
         UserInputError: on every rank, naming the changed settings.
     """
-    from opensloth.rollout.run import gather_checked
-    from opensloth.rollout.traces import write_json_atomic
+    from opensloth.distributed import gather_checked
+    from opensloth.atomic import write_json_atomic
 
     error = None
     if env.is_main:

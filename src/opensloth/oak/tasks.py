@@ -66,7 +66,7 @@ def reply(task, response: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from opensloth.data.synthetic import TASK_KINDS
-    from opensloth.rollout.traces import write_jsonl_atomic
+    from opensloth.atomic import write_jsonl_atomic
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", default="prontoqa", choices=TASK_KINDS, help="task kind")

@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from opensloth.training import check_model_source
-    from opensloth.utils.dataset_cache import _check_distributed_environment
+    from opensloth.distributed import distributed_env
 
     check_model_source(args.model_name)
-    env = _check_distributed_environment()
+    env = distributed_env()
     from opensloth.patching.ddp_patch import ddp_patch
 
     device = ddp_patch()

@@ -68,7 +68,7 @@ from opensloth.patching.registry import (
     swap_method,
     unpatch,
 )
-from opensloth.utils.dataset_cache import _check_distributed_environment
+from opensloth.distributed import distributed_env
 from opensloth.utils.packing import (
     LAYOUTS,
     attention_coef_for,
@@ -367,7 +367,7 @@ def _check_same_order(order: list, env) -> None:
         return
     import hashlib
 
-    from opensloth.utils.distributed import all_gather_object_list
+    from opensloth.distributed import all_gather_object_list
 
     digest = hashlib.sha1(repr(order).encode()).hexdigest()
     digests = all_gather_object_list(digest)
@@ -491,7 +491,7 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
     import torch
 
     t0 = time.perf_counter()
-    env = _check_distributed_environment()
+    env = distributed_env()
     args = trainer.args
     world_size, rank = env.world_size, env.rank
     if args.world_size != world_size:

@@ -10,7 +10,7 @@ importing transformers when Unsloth is not used)::
 It does three things and returns the device of this rank:
 
 1. Reads ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` through
-   :func:`opensloth.utils.dataset_cache._check_distributed_environment` (the one
+   :func:`opensloth.distributed.distributed_env` (the one
    place that validates them) and pins ``cuda:{LOCAL_RANK}`` when CUDA is
    present, CPU otherwise. Logs rank and device once per rank.
 2. When ``WORLD_SIZE > 1``, makes sure the default process group exists with
@@ -45,7 +45,7 @@ from opensloth.patching.registry import (
     require_attr,
     swap_method,
 )
-from opensloth.utils.dataset_cache import _check_distributed_environment
+from opensloth.distributed import distributed_env
 
 LOSS_SCALE_PATCH = "trainer_loss_scale_out_of_place"
 LOSS_SCALE_WRITTEN_FOR = "transformers 5.0-5.17 (Trainer.compute_loss with average_tokens_across_devices)"
@@ -156,7 +156,7 @@ def _make_cpu_ddp_post_init(original):
         # full data with no gradient sync. use_cpu=True gives MULTI_CPU (gloo).
         if not torch.cuda.is_available():
             self.use_cpu = True
-            if getattr(self, "ddp_backend", None) is None and _check_distributed_environment().is_distributed:
+            if getattr(self, "ddp_backend", None) is None and distributed_env().is_distributed:
                 self.ddp_backend = "gloo"
         return original(self, *args, **kwargs)
 
@@ -220,9 +220,9 @@ def ddp_patch(*, patch_loss_scaling: bool = True):
             patch_trainer_loss_scaling()
         return _STATE["device"]
 
-    from opensloth.utils.distributed import ensure_process_group, preferred_backend
+    from opensloth.distributed import ensure_process_group, preferred_backend
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     device = _pin_device(env.local_rank)
     if device.type == "cpu":
         patch_training_args_cpu_ddp()

@@ -17,11 +17,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from opensloth.errors import PatchTargetError
+
 _MARKER = "__opensloth_patch__"
-
-
-class PatchTargetError(RuntimeError):
-    """The object a patch replaces is missing or no longer looks as expected."""
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     from opensloth.rollout.policy import describe_checkpoint
     from opensloth.rollout.traces import load_prompts
     from opensloth.training import import_backend, resolve_backend
-    from opensloth.utils.dataset_cache import _check_distributed_environment
+    from opensloth.distributed import distributed_env
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     kind, base, adapter = describe_checkpoint(args.model, "--model")
     prompts = load_prompts(args.prompts, args.split, args.limit)
     backend = resolve_backend(args.backend)

@@ -27,7 +27,8 @@ from opensloth.errors import UserInputError
 from opensloth.log import log_rank0
 from opensloth.rollout.seeding import merge_shards, shard_indices
 from opensloth.rollout.settings import RolloutSettings
-from opensloth.rollout.traces import write_json_atomic, write_jsonl_atomic
+from opensloth.atomic import write_json_atomic, write_jsonl_atomic
+from opensloth.distributed import gather_checked
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 JUDGED_FILE = "judged.jsonl"
@@ -43,21 +44,6 @@ class RolloutResult:
     judged: list[dict] | None
     pairs: list[dict] | None
     manifest: dict
-
-
-def gather_checked(payload, error: str | None) -> list:
-    """All-gather ``payload`` from every rank; if any rank reports ``error``, raise it on every rank.
-
-    Raises:
-        UserInputError: the first error of any rank (prefixed with that rank).
-    """
-    from opensloth.utils.distributed import all_gather_object_list
-
-    gathered = all_gather_object_list({"payload": payload, "error": error})
-    errors = [g["error"] for g in gathered if g["error"]]
-    if errors:
-        raise UserInputError(errors[0])
-    return [g["payload"] for g in gathered]
 
 
 def build_pairs(judged: list[dict]):
@@ -98,7 +84,7 @@ def run_rollout(model, tokenizer, prompts: list[dict], settings: RolloutSettings
     """
     from opensloth.rollout.generate import generate_candidates
     from opensloth.rollout.judges import judge_traces
-    from opensloth.utils.distributed import barrier
+    from opensloth.distributed import barrier
 
     if not prompts:
         raise UserInputError("empty rollout: there are no prompts to generate for")
