@@ -14,8 +14,8 @@ import os
 
 import unsloth  # noqa: F401  (must be the first heavy import)
 
-from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
-from opensloth.patching.ddp_patch import ddp_patch
+from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
+from opensloth.patches.ddp import ddp_patch
 
 device = ddp_patch()  # cuda:{LOCAL_RANK} on GPUs, cpu otherwise; gloo/nccl; loss-scaling fix
 patch_optimize_sft_trainer_batch_samples()  # pack + balance each step across ranks (optional)

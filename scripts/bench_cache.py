@@ -3,7 +3,7 @@
     python scripts/bench_cache.py                          # 20k conversations, 2 ranks, tiny model
     python scripts/bench_cache.py --conversations 40000 --nproc 2 --backend unsloth
 
-Generates N chat conversations with ``opensloth.data.synthetic`` in a temp
+Generates N chat conversations with ``opensloth.tasks`` in a temp
 folder, then launches ``torchrun --standalone --nproc_per_node=<nproc>`` four
 times, each run building an SFTTrainer over the raw ``messages`` and training
 one step:
@@ -112,7 +112,7 @@ def run_worker(args) -> None:
     from opensloth.training import LoraSettings, import_backend, load_model_and_tokenizer
 
     import_backend(args.backend)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     device = ddp_patch()
     import trl
@@ -174,13 +174,13 @@ def run_worker(args) -> None:
 
 
 def generate_conversations(n: int, seed: int, folder: str) -> None:
-    from opensloth.data import synthetic
+    from opensloth.tasks import make_conversation
 
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train.jsonl"), "w", encoding="utf-8") as fh:
         for _ in range(n):
-            fh.write(json.dumps(synthetic.make_conversation(rng)) + "\n")
+            fh.write(json.dumps(make_conversation(rng)) + "\n")
 
 
 def launch(args, name: str, mode: str, data_mode: str, hf_cache: str, workdir: str) -> list[dict]:

@@ -52,7 +52,7 @@ def run_child(mode: str, args) -> dict:
 
     backend = resolve_backend(args.backend)
     import_backend(backend)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     device = ddp_patch()
     import trl
@@ -78,7 +78,7 @@ def run_child(mode: str, args) -> dict:
                              has_eval=False)
     cls = trl.DPOTrainer
     if mode == "dynamic":
-        from opensloth.dpo.trainer import patch_dpo_trainer_dynamic_beta
+        from opensloth.patches.dpo_dynamic_beta import patch_dpo_trainer_dynamic_beta
 
         cls = patch_dpo_trainer_dynamic_beta(cls)
     trainer = build_dpo_trainer(cls, model, tok, train_ds, None, config,
@@ -87,7 +87,7 @@ def run_child(mode: str, args) -> dict:
         use_base_model_as_reference(trainer)
     own = {"seconds": 0.0, "cpu_seconds": 0.0}
     if mode == "dynamic":
-        import opensloth.dpo.trainer as dbt
+        import opensloth.patches.dpo_dynamic_beta as dbt
 
         def timed(fn):
             def wrapper(*a, **k):

@@ -30,7 +30,7 @@ accelerate's own ``BatchSamplerShard`` (even_batches):
   balancing; it only switches on for padding-free batches, so varlen cost.
 - opensloth-dp: the original OpenSloth repacking: each rank's own samples of
   the step, sorted, split into its micro-batches by the least-padding DP.
-- opensloth (varlen / rows4d / padded): :func:`opensloth.utils.packing.plan_step`
+- opensloth (varlen / rows4d / padded): :func:`opensloth.packing.plan_step`
   over the whole step window, in each of the three layouts.
 """
 
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from opensloth.markdown import update_markdown_block  # noqa: E402
-from opensloth.utils.packing import (  # noqa: E402
+from opensloth.packing import (  # noqa: E402
     balanced_rows,
     min_padding_partition,
     padded_cost,

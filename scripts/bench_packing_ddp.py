@@ -36,7 +36,7 @@ def parse():
 def main():
     args = parse()
     torch.set_num_threads(1)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     ddp_patch()
     import torch.distributed as dist
@@ -44,7 +44,7 @@ def main():
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opensloth.patching.batch_samples import (
+    from opensloth.patches.batch_samples import (
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
     )

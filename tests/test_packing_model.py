@@ -14,9 +14,9 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SFT_DATA, TINY_MODEL, requires_unsloth, run
+from helpers import REPO, SFT_DATA, TINY_MODEL, requires_unsloth, run
 
-from opensloth.utils.packing import pack
+from opensloth.packing import pack
 
 FP32_TOL = 1e-4
 

@@ -13,8 +13,8 @@ import os
 
 import unsloth  # noqa: F401  (first: Unsloth patches transformers and TRL on import)
 
-from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
-from opensloth.patching.ddp_patch import ddp_patch
+from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
+from opensloth.patches.ddp import ddp_patch
 
 # 1. One call per process: pins this rank's device, creates the process group
 #    (gloo on CPU, nccl on CUDA) and fixes the trainer's cross-rank loss scaling.

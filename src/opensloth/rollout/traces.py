@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 
+from opensloth.data.sources import load_records
 from opensloth.errors import UserInputError
 
 
@@ -75,7 +76,6 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
         UserInputError: the source is missing or unreadable, a row has no
             prompt, or no prompt is left (an empty rollout).
     """
-    from opensloth.data import load_records
 
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit {limit} must be >= 1")
