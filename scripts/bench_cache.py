@@ -109,7 +109,7 @@ class TokenizerMeter:
 
 def run_worker(args) -> None:
     t0 = float(os.environ["BENCH_T0"])
-    from opensloth.training import LoraSettings, import_backend, load_model_and_tokenizer
+    from opensloth.launch import LoraSettings, import_backend, load_model_and_tokenizer
 
     import_backend(args.backend)
     from opensloth.patches.ddp import ddp_patch
@@ -120,7 +120,7 @@ def run_worker(args) -> None:
 
     from opensloth.data import load_records
     from opensloth.distributed import distributed_env
-    from opensloth.utils.dataset_cache import sft_dataset_kwargs, simple_cache_dataset_wrapper
+    from opensloth.cache import sft_dataset_kwargs, simple_cache_dataset_wrapper
 
     env = distributed_env()
     model, tokenizer = load_model_and_tokenizer(

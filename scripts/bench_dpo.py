@@ -48,7 +48,7 @@ def run_child(mode: str, args) -> dict:
     """Train ``args.steps + args.skip`` steps in ``mode``; return timings, RSS and parameter counts."""
     import resource
 
-    from opensloth.training import import_backend, load_model_and_tokenizer, resolve_backend
+    from opensloth.launch import import_backend, load_model_and_tokenizer, resolve_backend
 
     backend = resolve_backend(args.backend)
     import_backend(backend)
@@ -58,9 +58,10 @@ def run_child(mode: str, args) -> dict:
     import trl
     from transformers import TrainerCallback
 
+    from opensloth.data.preference import load_preference_splits
     from opensloth.dpo.controller import DynamicBetaConfig
-    from opensloth.dpo.reference import parameter_report, use_base_model_as_reference
-    from opensloth.dpo.run import DPORunSettings, build_dpo_trainer, load_preference_splits, make_dpo_config
+    from opensloth.dpo.lora_reference import parameter_report, use_base_model_as_reference
+    from opensloth.dpo.run import DPORunSettings, build_dpo_trainer, make_dpo_config
 
     out_dir = tempfile.mkdtemp(prefix=f"bench_dpo_{mode}_")
     settings = DPORunSettings(
@@ -72,7 +73,7 @@ def run_child(mode: str, args) -> dict:
     dynamic = DynamicBetaConfig(warmup_steps=args.beta_warmup)
     model, tok = load_model_and_tokenizer(settings.model_name, backend=backend, max_seq_length=settings.max_seq_length,
                                           device=device, seed=0, dtype=args.dtype)
-    train_ds, _ = load_preference_splits(settings)
+    train_ds, _ = load_preference_splits(settings.dataset, train_samples=settings.train_samples)
     config = make_dpo_config(settings, dynamic, run_dir=out_dir, per_device=args.per_device_batch_size,
                              world_size=1, backend=backend, dtype=str(next(model.parameters()).dtype)[6:],
                              has_eval=False)

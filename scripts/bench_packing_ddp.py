@@ -48,8 +48,7 @@ def main():
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
     )
-    from opensloth.distributed import distributed_env
-    from opensloth.distributed import all_gather_object_list, barrier
+    from opensloth.distributed import all_gather_object_list, barrier, distributed_env
 
     env = distributed_env()
     tok = AutoTokenizer.from_pretrained("data/tiny-qwen3")

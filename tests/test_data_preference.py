@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from helpers import REPO, write_lines
+from opensloth.errors import UserInputError
 
 ROOT = str(REPO)
 TOKENIZER_DIR = os.path.join(ROOT, "data", "tiny-qwen3")
@@ -197,3 +198,84 @@ def test_sample_files_are_current():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_format_samples.py"), "--check"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- the format registry and the pipeline train_dpo.py, precompute_dataset.py and the OaK loop share ----
+
+
+def _conversation(*turns):
+    roles = ["user", "assistant"] * len(turns)
+    return [{"role": r, "content": c} for r, c in zip(roles, turns)]
+
+
+def test_chat_message_pairs_become_prompt_chosen_rejected():
+    import datasets
+
+    from opensloth.data import load_preference_dataset
+    from opensloth.data.formats import detect_preference_format
+
+    rows = [
+        {"chosen": _conversation("hi", "hello", "2+2?", "4"), "rejected": _conversation("hi", "hello", "2+2?", "5")},
+        {"chosen": _conversation("q", "same"), "rejected": _conversation("q", "same")},           # identical
+        {"chosen": _conversation("q", "a"), "rejected": _conversation("other", "b")},             # no shared prompt
+        {"chosen": _conversation("q", " "), "rejected": _conversation("q", "b")},                 # blank reply
+        {"chosen": _conversation("q", "a", "more"), "rejected": _conversation("q", "b")},         # ends on a user turn
+    ]
+    ds = datasets.Dataset.from_list(rows)
+    assert detect_preference_format(ds.column_names, ds[0]) == "chat_pairs"
+    pairs, report = load_preference_dataset(ds)
+    assert (report.total_in, report.total_out) == (5, 1)
+    assert report.dropped == {"identical_texts": 1, "bad_structure": 2, "empty": 1}
+    assert pairs[0] == {"prompt": _conversation("hi", "hello", "2+2?"),
+                        "chosen": [{"role": "assistant", "content": "4"}],
+                        "rejected": [{"role": "assistant", "content": "5"}]}
+
+
+def test_registry_detects_each_format_in_priority_order():
+    from opensloth.data.formats import PREFERENCE_FORMATS, detect_preference_format
+
+    assert list(PREFERENCE_FORMATS) == ["judged", "pairs", "chat_pairs", "hh", "prepared"]
+    assert detect_preference_format(["prompt", "candidates", "id"]) == "judged"
+    assert detect_preference_format(["prompt", "chosen", "rejected"]) == "pairs"
+    assert detect_preference_format(["chosen", "rejected"], {"chosen": "\n\nHuman: a", "rejected": "x"}) == "hh"
+    assert detect_preference_format(["chosen", "rejected"], {"chosen": [], "rejected": []}) == "chat_pairs"
+
+
+def test_train_dpo_reads_hh_and_judged_files_through_the_same_pipeline(tmp_path):
+    """load_preference_splits is what train_dpo.py calls: every format, a test split, first-N subsets."""
+    import shutil
+
+    from opensloth.data import load_preference_dataset, load_preference_splits
+
+    train, val = load_preference_splits(HH_SAMPLE, train_samples=10, test_samples=3)
+    assert len(train) == 10 and len(val) == 3 and sorted(train.column_names) == ["chosen", "prompt", "rejected"]
+    assert train[:] == load_preference_dataset(HH_SAMPLE)[0].select(range(10))[:]
+    train, val = load_preference_splits(JUDGED_SAMPLE)
+    assert len(train) == 28 and val is None and {"prompt", "chosen", "rejected"} <= set(train.column_names)
+    # A folder with train.jsonl / test.jsonl of pairs (the embedded default).
+    train, val = load_preference_splits(os.path.dirname(PREF_TRAIN), train_samples=5, test_samples=2)
+    assert (len(train), len(val)) == (5, 2)
+    # An explicit format must fit: HH transcripts are no prompt/chosen/rejected pairs.
+    from opensloth.data import MissingColumnsError
+
+    with pytest.raises(MissingColumnsError):
+        load_preference_splits(HH_SAMPLE, fmt="pairs")
+    # A precompute_dataset.py folder is already tokenized: one clear error naming the raw source.
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    (folder / "cache_metadata.json").write_text(json.dumps({"source": {"dataset": "data/preference"}}))
+    with pytest.raises(UserInputError, match="already tokenized.*data/preference"):
+        load_preference_splits(str(folder))
+    shutil.rmtree(folder)
+
+
+def test_rollout_pairs_become_conversational_for_a_chat_model():
+    from opensloth.data import pairs_to_dataset
+
+    pairs = [{"prompt": "What is 2 + 2?", "chosen": "Answer: 4", "rejected": "Answer: 5", "chosen_score": 1.0}]
+    ds = pairs_to_dataset(pairs, as_messages=True)
+    assert ds[0] == {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+                     "chosen": [{"role": "assistant", "content": "Answer: 4"}],
+                     "rejected": [{"role": "assistant", "content": "Answer: 5"}]}
+    assert pairs_to_dataset(pairs, as_messages=False)[0] == {"prompt": "What is 2 + 2?", "chosen": "Answer: 4",
+                                                             "rejected": "Answer: 5"}

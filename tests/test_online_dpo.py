@@ -86,6 +86,24 @@ def test_config_sections_flags_and_fresh_copies_per_iteration(tmp_path):
     assert prompt_window(pool, 9, None) == pool
 
 
+def test_example_config_and_the_script_flags():
+    """examples/config_oak_dpo.yaml parses, and the shortcut flags land in their sections."""
+    import importlib.util
+
+    from opensloth.online_dpo.config import resolve_oak_config
+
+    spec = importlib.util.spec_from_file_location("run_oak_dpo", REPO / "train_scripts" / "run_oak_dpo.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.build_parser().parse_args([
+        "--iterations", "1", "--train-data", "p", "--sft-model", "s", "--config", "examples/config_oak_dpo.yaml",
+        "--samples", "2", "--backend", "hf", "--beta-mode", "fixed", "--nll_weight", "0.5", "--lora.target_modules",
+        "q_proj", "v_proj", "--dpo.learning_rate", "1e-3"])
+    cfg = resolve_oak_config(str(REPO / args.config), vars(args))
+    assert (cfg.rollout.samples, cfg.dpo.backend, cfg.nll_weight, cfg.dpo.learning_rate) == (2, "hf", 0.5, 1e-3)
+    assert cfg.lora.target_modules == ("q_proj", "v_proj") and cfg.lora.r == 8 and cfg.dynamic.warmup_steps == 4
+
+
 @pytest.mark.parametrize("text, given, message", [
     ("beta_mode: fixed\nlearning_rat: 0.1\n", {}, "unknown keys \\['learning_rat'\\]"),
     ("model_name: x\n", {}, "set by the OaK loop"),
@@ -275,7 +293,8 @@ def _sha(path):
 def test_loop_on_two_ranks_then_bad_judges_and_resume(sft_adapter, tmp_path):
     out = str(tmp_path / "run")
     eval_args = ["--eval-data", str(SFT_DATA), "--eval-split", "test", "--eval-limit", "4"]
-    judge_path = str(REPO / "tests")
+    # tests/ for the scripted judge, in front of the PYTHONPATH that picks this checkout's opensloth
+    judge_path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
 
     # 1. two ranks, one iteration
     proc = _run(torchrun_cmd(2, SCRIPT, "--iterations", "1", "--samples", "2",

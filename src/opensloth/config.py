@@ -18,7 +18,7 @@ From such classes this module builds everything a script needs:
   the one overlay rule ``defaults < YAML < flags``.
 
 Used by SFT (``train_configurable.py``), DPO (``train_dpo.py``), rollouts
-(``python -m opensloth.rollout``) and the OaK-DPO loop (``run_oak_dpo.py``)::
+(``train_scripts/rollout.py``) and the OaK-DPO loop (``run_oak_dpo.py``)::
 
     SECTIONS = (Section(None, DPORunSettings), Section("dynamic_beta", DynamicBetaConfig))
     parser = argparse.ArgumentParser()
