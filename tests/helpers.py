@@ -33,6 +33,11 @@ def clean_env(**extra) -> dict:
     return env
 
 
+def pythonpath(*folders) -> str:
+    """``PYTHONPATH`` with ``folders`` in front of the caller's (which picks this checkout's opensloth)."""
+    return os.pathsep.join(str(p) for p in (*folders, os.environ.get("PYTHONPATH")) if p)
+
+
 def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
     """``python -m torch.distributed.run`` on a free port (standalone rendezvous)."""
     if nproc == 1:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import HAS_UNSLOTH, REPO, SFT_DATA, TINY_MODEL, clean_env, torchrun_cmd
+from helpers import HAS_UNSLOTH, REPO, SFT_DATA, TINY_MODEL, clean_env, pythonpath, torchrun_cmd
 
 from opensloth.errors import UserInputError
 from opensloth.online_dpo import layout
@@ -293,8 +293,7 @@ def _sha(path):
 def test_loop_on_two_ranks_then_bad_judges_and_resume(sft_adapter, tmp_path):
     out = str(tmp_path / "run")
     eval_args = ["--eval-data", str(SFT_DATA), "--eval-split", "test", "--eval-limit", "4"]
-    # tests/ for the scripted judge, in front of the PYTHONPATH that picks this checkout's opensloth
-    judge_path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    judge_path = pythonpath(REPO / "tests")  # the scripted judge
 
     # 1. two ranks, one iteration
     proc = _run(torchrun_cmd(2, SCRIPT, "--iterations", "1", "--samples", "2",

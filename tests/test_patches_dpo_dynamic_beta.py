@@ -234,7 +234,7 @@ def _fake_runtime(tmp_path):
 
 
 def test_ranks_that_disagree_stop_training(tmp_path, monkeypatch):
-    import opensloth.distributed as dist_utils
+    import opensloth.patches.dpo_dynamic_beta as dist_utils  # the module that calls the gather
 
     runtime = _fake_runtime(tmp_path)
     runtime.pending = [0.1, 0.2]

@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- data: pairs, HH transcripts, judged rollouts, chat pairs or a prepared folder -> prompt/chosen/rejected ---
     train_ds, val_ds = load_preference_splits(
-        settings.dataset, tokenizer, train_split=settings.train_split, test_split=settings.test_split,
-        train_samples=settings.train_samples, test_samples=settings.test_samples,
-        max_seq_length=settings.max_seq_length)
+        settings.dataset, train_split=settings.train_split, test_split=settings.test_split,
+        train_samples=settings.train_samples, test_samples=settings.test_samples)
 
     # --- trainer ---
     dpo_config = make_dpo_config(settings, dynamic_cfg, run_dir=launch.run_dir, per_device=launch.per_device,
