@@ -14,8 +14,8 @@ import os
 
 import unsloth  # noqa: F401  (must be the first heavy import)
 
-from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
-from opensloth.patching.ddp_patch import ddp_patch
+from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
+from opensloth.patches.ddp import ddp_patch
 
 device = ddp_patch()  # cuda:{LOCAL_RANK} on GPUs, cpu otherwise; gloo/nccl; loss-scaling fix
 patch_optimize_sft_trainer_batch_samples()  # pack + balance each step across ranks (optional)
@@ -24,7 +24,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402
 
 from opensloth.data import load_records  # noqa: E402
-from opensloth.utils.dataset_cache import _check_distributed_environment  # noqa: E402
+from opensloth.distributed import distributed_env  # noqa: E402
 
 # ---- CONFIG -----------------------------------------------------------------------------------
 MODEL = os.environ.get("MODEL", "data/tiny-qwen3")  # e.g. unsloth/Qwen3-0.6B (hub) or a local folder
@@ -38,7 +38,7 @@ LOAD_IN_4BIT = os.environ.get("LOAD_IN_4BIT", "0") == "1"  # needs bitsandbytes 
 OUTPUT_DIR = os.environ.get("OUTPUT_DIR", "outputs")
 # -----------------------------------------------------------------------------------------------
 
-env = _check_distributed_environment()
+env = distributed_env()
 per_device = GLOBAL_BATCH // (env.world_size * GRAD_ACCUM)
 
 model, tokenizer = FastLanguageModel.from_pretrained(

@@ -3,7 +3,7 @@
     python scripts/bench_cache.py                          # 20k conversations, 2 ranks, tiny model
     python scripts/bench_cache.py --conversations 40000 --nproc 2 --backend unsloth
 
-Generates N chat conversations with ``opensloth.data.synthetic`` in a temp
+Generates N chat conversations with ``opensloth.tasks`` in a temp
 folder, then launches ``torchrun --standalone --nproc_per_node=<nproc>`` four
 times, each run building an SFTTrainer over the raw ``messages`` and training
 one step:
@@ -39,9 +39,10 @@ import sys
 import tempfile
 import time
 
+from opensloth.markdown import update_markdown_block
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START_MARK = "<!-- bench_cache:start -->"
-END_MARK = "<!-- bench_cache:end -->"
+SECTION = "bench_cache"  # docs/benchmarks.md block between <!-- bench_cache:start/end -->
 # (name, factory, where the raw rows live, datasets cache folder)
 SCENARIOS = (
     ("stock-memory", "stock", "memory", "hf-stock-memory"),
@@ -108,19 +109,20 @@ class TokenizerMeter:
 
 def run_worker(args) -> None:
     t0 = float(os.environ["BENCH_T0"])
-    from opensloth.training import LoraSettings, import_backend, load_model_and_tokenizer
+    from opensloth.launch import LoraSettings, import_backend, load_model_and_tokenizer
 
     import_backend(args.backend)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     device = ddp_patch()
     import trl
     from transformers import TrainerCallback
 
     from opensloth.data import load_records
-    from opensloth.utils.dataset_cache import _check_distributed_environment, sft_dataset_kwargs, simple_cache_dataset_wrapper
+    from opensloth.distributed import distributed_env
+    from opensloth.cache import sft_dataset_kwargs, simple_cache_dataset_wrapper
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     model, tokenizer = load_model_and_tokenizer(
         args.model_name, backend=args.backend, max_seq_length=args.max_seq_length, device=device, seed=0,
         dtype="auto", lora=LoraSettings(), gradient_checkpointing=False, load_in_4bit=False,
@@ -172,13 +174,13 @@ def run_worker(args) -> None:
 
 
 def generate_conversations(n: int, seed: int, folder: str) -> None:
-    from opensloth.data import synthetic
+    from opensloth.tasks import make_conversation
 
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train.jsonl"), "w", encoding="utf-8") as fh:
         for _ in range(n):
-            fh.write(json.dumps(synthetic.make_conversation(rng)) + "\n")
+            fh.write(json.dumps(make_conversation(rng)) + "\n")
 
 
 def launch(args, name: str, mode: str, data_mode: str, hf_cache: str, workdir: str) -> list[dict]:
@@ -208,7 +210,6 @@ def render(args, results: dict[str, list[dict]], token_count: int, elapsed: floa
         return " / ".join(fmt.format(r[key]) for r in reports)
 
     lines = [
-        START_MARK,
         "## Dataset cache: tokenize once for all ranks (`scripts/bench_cache.py`)",
         "",
         f"{args.conversations} generated chat conversations ({token_count} train tokens after the chat template, "
@@ -263,22 +264,8 @@ def render(args, results: dict[str, list[dict]], token_count: int, elapsed: floa
         f"- Time to first step is dominated by importing torch/transformers/TRL and loading the model on this "
         f"machine; tokenizing {args.conversations} short conversations with the tiny tokenizer takes seconds.",
         f"- Benchmark wall time {elapsed:.0f}s.",
-        END_MARK,
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(args, results, token_count, time.time() - start, load)
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        update_markdown_block(args.out, SECTION, section)
         print(f"updated {args.out}")
     return 0
 

@@ -34,9 +34,11 @@ import sys
 import tempfile
 import time
 
+from opensloth.markdown import update_markdown_block
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("stock", "fixed", "dynamic")
-START, END = "<!-- bench_dpo:start -->", "<!-- bench_dpo:end -->"
+SECTION = "bench_dpo"  # docs/benchmarks.md block between <!-- bench_dpo:start/end -->
 
 
 # --------------------------------------------------------------------------- child
@@ -46,19 +48,20 @@ def run_child(mode: str, args) -> dict:
     """Train ``args.steps + args.skip`` steps in ``mode``; return timings, RSS and parameter counts."""
     import resource
 
-    from opensloth.training import import_backend, load_model_and_tokenizer, resolve_backend
+    from opensloth.launch import import_backend, load_model_and_tokenizer, resolve_backend
 
     backend = resolve_backend(args.backend)
     import_backend(backend)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     device = ddp_patch()
     import trl
     from transformers import TrainerCallback
 
+    from opensloth.data.preference import load_preference_splits
     from opensloth.dpo.controller import DynamicBetaConfig
-    from opensloth.dpo.reference import parameter_report, use_base_model_as_reference
-    from opensloth.dpo.run import DPORunSettings, build_dpo_trainer, load_preference_splits, make_dpo_config
+    from opensloth.dpo.lora_reference import parameter_report, use_base_model_as_reference
+    from opensloth.dpo.run import DPORunSettings, build_dpo_trainer, make_dpo_config
 
     out_dir = tempfile.mkdtemp(prefix=f"bench_dpo_{mode}_")
     settings = DPORunSettings(
@@ -70,13 +73,13 @@ def run_child(mode: str, args) -> dict:
     dynamic = DynamicBetaConfig(warmup_steps=args.beta_warmup)
     model, tok = load_model_and_tokenizer(settings.model_name, backend=backend, max_seq_length=settings.max_seq_length,
                                           device=device, seed=0, dtype=args.dtype)
-    train_ds, _ = load_preference_splits(settings)
+    train_ds, _ = load_preference_splits(settings.dataset, train_samples=settings.train_samples)
     config = make_dpo_config(settings, dynamic, run_dir=out_dir, per_device=args.per_device_batch_size,
                              world_size=1, backend=backend, dtype=str(next(model.parameters()).dtype)[6:],
                              has_eval=False)
     cls = trl.DPOTrainer
     if mode == "dynamic":
-        from opensloth.dpo.trainer import patch_dpo_trainer_dynamic_beta
+        from opensloth.patches.dpo_dynamic_beta import patch_dpo_trainer_dynamic_beta
 
         cls = patch_dpo_trainer_dynamic_beta(cls)
     trainer = build_dpo_trainer(cls, model, tok, train_ds, None, config,
@@ -85,7 +88,7 @@ def run_child(mode: str, args) -> dict:
         use_base_model_as_reference(trainer)
     own = {"seconds": 0.0, "cpu_seconds": 0.0}
     if mode == "dynamic":
-        import opensloth.dpo.trainer as dbt
+        import opensloth.patches.dpo_dynamic_beta as dbt
 
         def timed(fn):
             def wrapper(*a, **k):
@@ -182,21 +185,6 @@ def table(results: dict[str, list[dict]], args) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace the bench_dpo section of ``path`` (create the file or the section if missing)."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = f"{START}\n## Dynamic vs fixed beta DPO (`scripts/bench_dpo.py`)\n\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write(text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="measured optimizer steps per child")
@@ -247,7 +235,7 @@ def main(argv=None) -> int:
     body = table(results, args)
     print(body)
     if not args.no_write:
-        write_section(args.out, body)
+        update_markdown_block(args.out, SECTION, f"## Dynamic vs fixed beta DPO (`scripts/bench_dpo.py`)\n\n{body}")
         print(f"updated {args.out}")
     return 0
 

@@ -30,7 +30,7 @@ accelerate's own ``BatchSamplerShard`` (even_batches):
   balancing; it only switches on for padding-free batches, so varlen cost.
 - opensloth-dp: the original OpenSloth repacking: each rank's own samples of
   the step, sorted, split into its micro-batches by the least-padding DP.
-- opensloth (varlen / rows4d / padded): :func:`opensloth.utils.packing.plan_step`
+- opensloth (varlen / rows4d / padded): :func:`opensloth.packing.plan_step`
   over the whole step window, in each of the three layouts.
 """
 
@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -51,7 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from opensloth.utils.packing import (  # noqa: E402
+from opensloth.markdown import update_markdown_block  # noqa: E402
+from opensloth.packing import (  # noqa: E402
     balanced_rows,
     min_padding_partition,
     padded_cost,
@@ -61,8 +61,7 @@ from opensloth.utils.packing import (  # noqa: E402
 
 C_ATTN = 1.0 / 16384  # attention adds 25% to a 4096-token sequence's linear cost (a ~1-3B model)
 SEED = 3407
-MARK_START = "<!-- bench_packing:start -->"
-MARK_END = "<!-- bench_packing:end -->"
+SECTION = "bench_packing"  # docs/benchmarks.md block between <!-- bench_packing:start/end -->
 
 STRATEGIES = [
     "trl-default",
@@ -338,15 +337,6 @@ def ddp_wallclock(samples, steps_, quick):
     return json.loads(out.read_text())
 
 
-def write_section(markdown: str, path: Path) -> None:
-    section = f"{MARK_START}\n{markdown.strip()}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer samples and layouts")
@@ -469,7 +459,7 @@ def main():
     md.append(f"\nSimulation time {sim_seconds:.0f} s. Regenerate with `python scripts/bench_packing.py`.")
     text = "\n".join(md)
     print(text)
-    write_section(text, Path(args.output))
+    update_markdown_block(args.output, SECTION, text)
     print(f"\nwrote section to {args.output}")
 
 

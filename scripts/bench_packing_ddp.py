@@ -36,7 +36,7 @@ def parse():
 def main():
     args = parse()
     torch.set_num_threads(1)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     ddp_patch()
     import torch.distributed as dist
@@ -44,14 +44,13 @@ def main():
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opensloth.patching.batch_samples import (
+    from opensloth.patches.batch_samples import (
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
     )
-    from opensloth.utils.dataset_cache import _check_distributed_environment
-    from opensloth.utils.distributed import all_gather_object_list, barrier
+    from opensloth.distributed import all_gather_object_list, barrier, distributed_env
 
-    env = _check_distributed_environment()
+    env = distributed_env()
     tok = AutoTokenizer.from_pretrained("data/tiny-qwen3")
     data = load_dataset("json", data_files="data/sft/train.jsonl", split="train").select(range(args.samples))
 

@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
         import opensloth.dpo.trainer  # noqa: F401
-        import opensloth.patching.batch_samples  # noqa: F401
-        import opensloth.patching.ddp_patch  # noqa: F401
-        import opensloth.patching.unsloth_compat  # noqa: F401
+        import opensloth.patches.batch_samples  # noqa: F401
+        import opensloth.patches.ddp  # noqa: F401
+        import opensloth.patches.unsloth_compat  # noqa: F401
     except Exception:
         failure = traceback.format_exc()
 

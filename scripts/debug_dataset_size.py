@@ -24,14 +24,16 @@ import argparse
 import json
 import sys
 
+from opensloth.data.formats import format_names
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="data/sft", help="file, folder or hub id")
     p.add_argument("--split", default="train", help="split, slicing allowed (train[:10%%])")
     p.add_argument("--format", choices=("chat", "preference"), default="chat", help="what the records are")
-    p.add_argument("--preference_format", choices=("auto", "pairs", "hh", "judged"), default="auto",
-                   help="input layout for --format preference")
+    p.add_argument("--preference_format", choices=[f for f in format_names() if f != "prepared"], default="auto",
+                   help="input layout for --format preference (see opensloth.data.formats)")
     p.add_argument("--model_name", default="data/tiny-qwen3", help="model folder or hub id whose tokenizer to use")
     p.add_argument("--max_seq_length", type=int, default=1024, help="token budget per sequence")
     p.add_argument("--max_prompt_length", type=int, default=None, help="preference only: prompt token budget")
@@ -97,7 +99,7 @@ def preference_stages(args) -> tuple[list[tuple[str, int, str]], int]:
 
 
 def prepared_stages(args) -> tuple[list[tuple[str, int, str]], int]:
-    from opensloth.data.prepared import inspect_prepared
+    from opensloth.cache.store import inspect_prepared
 
     status = inspect_prepared(args.prepared_dataset_path, verify="size")
     if not status.ok:

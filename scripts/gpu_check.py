@@ -450,7 +450,7 @@ def _losses(run_dir: str) -> dict[int, float]:
 
 def _cache_report(folder: str) -> dict:
     """Files Unsloth compiled into ``folder``: digests, Python that parses, leftovers of interrupted writes."""
-    from opensloth.patching.unsloth_compat import compiled_cache_digest
+    from opensloth.patches.unsloth_compat import compiled_cache_digest
 
     digests = compiled_cache_digest(folder)
     broken = []

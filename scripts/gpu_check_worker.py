@@ -249,13 +249,13 @@ class Context:
 
     def setup(self):
         """Import Unsloth first (its GPU path), then ddp_patch: what every opensloth script does."""
-        from opensloth.training import import_backend, resolve_backend
+        from opensloth.launch import import_backend, resolve_backend
 
         self.backend = resolve_backend("auto")
         t0 = time.perf_counter()
         import_backend(self.backend)
         self.import_seconds = time.perf_counter() - t0
-        from opensloth.patching.ddp_patch import ddp_patch
+        from opensloth.patches.ddp import ddp_patch
 
         self.device = ddp_patch()
 
@@ -280,7 +280,7 @@ class Context:
 
 
 def _load_lora_model(ctx: Context, path: str, *, load_in_4bit: bool, max_seq_length: int):
-    from opensloth.training import LoraSettings, load_model_and_tokenizer
+    from opensloth.launch import LoraSettings, load_model_and_tokenizer
 
     lora = LoraSettings(r=16, alpha=16, target_modules=LORA_TARGETS)
     return load_model_and_tokenizer(path, backend=ctx.backend, max_seq_length=max_seq_length, device=ctx.device,
@@ -316,7 +316,7 @@ def _sft_config(ctx: Context, run_dir: str, max_steps: int, max_length: int):
 
 def _set_config(name: str) -> None:
     """Switch this process to one configuration: env for Unsloth's balancer, patch on/off for ours."""
-    from opensloth.patching.batch_samples import (
+    from opensloth.patches.batch_samples import (
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
     )
@@ -334,7 +334,7 @@ def _set_config(name: str) -> None:
 def _one_run(ctx: Context, model, tokenizer, data, initial: dict, config: str, steps: int, run_dir: str) -> dict:
     import trl
 
-    from opensloth.patching.unsloth_compat import check_trainer_patched, loss_scaling_owner
+    from opensloth.patches.unsloth_compat import check_trainer_patched, loss_scaling_owner
 
     torch = ctx.torch
     with torch.no_grad():  # same LoRA start for every run: the three configs see the same numbers
@@ -344,7 +344,7 @@ def _one_run(ctx: Context, model, tokenizer, data, initial: dict, config: str, s
     _set_config(config)
     trainer = trl.SFTTrainer(model=model, args=_sft_config(ctx, run_dir, steps, ctx.args.max_tokens),
                              train_dataset=data, processing_class=tokenizer)
-    from opensloth.patching.batch_samples import PATCH_NAME
+    from opensloth.patches.batch_samples import PATCH_NAME
 
     check_trainer_patched(trainer, "get_batch_samples", PATCH_NAME)
     meter = StepMeter(model, ctx.cuda)
@@ -430,7 +430,7 @@ def _expected_run_seconds(previous: list[dict], steps: int) -> float:
 
 def stage_sft_throughput(ctx: "Context", emit) -> dict:
     a = ctx.args
-    from opensloth.patching.batch_samples import auto_layout_for
+    from opensloth.patches.batch_samples import auto_layout_for
 
     model, tokenizer = _load_lora_model(ctx, a.model, load_in_4bit=False, max_seq_length=a.max_tokens)
     steps = a.skip_steps + a.measure_steps
@@ -544,7 +544,7 @@ def stage_packing(ctx: Context, emit) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from opensloth.utils.packing import build_micro_batch
+    from opensloth.packing import build_micro_batch
 
     a = ctx.args
     if ctx.backend == "unsloth":

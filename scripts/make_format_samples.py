@@ -25,7 +25,7 @@ import os
 import random
 import sys
 
-from opensloth.data import synthetic
+from opensloth import tasks
 
 SEED = 20261122
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "formats")
@@ -33,8 +33,8 @@ N_HH = 40
 N_JUDGED = 40
 
 
-def _small_task(rng: random.Random) -> synthetic.Task:
-    return synthetic.make_task(rng, size=rng.randint(30, 120))
+def _small_task(rng: random.Random) -> tasks.Task:
+    return tasks.make_task(rng, size=rng.randint(30, 120))
 
 
 def hh_records(rng: random.Random) -> list[dict]:
@@ -48,14 +48,14 @@ def hh_records(rng: random.Random) -> list[dict]:
         prompt = transcript + f"\n\nHuman: {task.prompt}\n\nAssistant:"
         records.append({
             "chosen": prompt + " " + task.response,
-            "rejected": prompt + " " + synthetic.make_wrong_response(rng, task),
+            "rejected": prompt + " " + tasks.make_wrong_response(rng, task),
         })
     # Edge cases, appended so their positions are stable.
     task = _small_task(rng)
     prompt = f"\n\nHuman: Repeat my question, then answer it: {task.prompt}\n\nAssistant:"
     records.append({  # the reply quotes the whole prompt, markers included: it must stay in the reply
         "chosen": prompt + f" You wrote:{prompt}\n{task.response}",
-        "rejected": prompt + " " + synthetic.make_wrong_response(rng, task),
+        "rejected": prompt + " " + tasks.make_wrong_response(rng, task),
     })
     task = _small_task(rng)
     same = f"\n\nHuman: {task.prompt}\n\nAssistant: {task.response}"
@@ -78,7 +78,7 @@ def judged_records(rng: random.Random) -> list[dict]:
     records = []
     for i in range(N_JUDGED):
         task = _small_task(rng)
-        wrong = synthetic.make_wrong_response(rng, task)
+        wrong = tasks.make_wrong_response(rng, task)
         judge = "synthetic.check_answer"
         if i % 10 == 7:  # single candidate: skipped
             candidates = [{"text": task.response, "score": 1.0, "judge": judge}]
@@ -92,8 +92,8 @@ def judged_records(rng: random.Random) -> list[dict]:
             candidates = [{"text": task.response, "score": 1.0, "judge": judge},
                           {"text": wrong, "score": round(rng.uniform(0.0, 0.4), 3), "judge": judge}]
             for _ in range(rng.choice((0, 1, 2))):
-                text = task.response if rng.random() < 0.5 else synthetic.make_wrong_response(rng, task)
-                correct = synthetic.check_answer(task, None, text)
+                text = task.response if rng.random() < 0.5 else tasks.make_wrong_response(rng, task)
+                correct = tasks.check_answer(task, None, text)
                 candidates.append({"text": text, "score": 1.0 if correct else round(rng.uniform(0.0, 0.4), 3),
                                    "judge": judge})
             rng.shuffle(candidates)

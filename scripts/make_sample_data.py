@@ -11,7 +11,7 @@ Files (one JSON object per line, keys sorted, ASCII only):
   strings; ``chosen`` is the correct worked answer, ``rejected`` the same shape
   with one slip and a wrong final answer.
 
-All text comes from ``opensloth.data.synthetic`` with fixed seeds, so reruns
+All text comes from ``opensloth.tasks`` with fixed seeds, so reruns
 write byte-identical files. Test records with any user prompt that also
 occurs in the train split are skipped, and so are records whose first prompt
 repeats one of the same split (tiny prompts such as "What is 3 + 4?" recur). Generation does not need the model; the length
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="data/tiny-qwen3", help="tokenizer for the length summary")
     args = parser.parse_args()
 
-    from opensloth.data.synthetic import make_conversation, make_preference_pair
+    from opensloth.tasks import make_conversation, make_preference_pair
 
     sft_train = generate_split(make_conversation, SFT_SEEDS["train"], args.sft_train)
     sft_test = generate_split(make_conversation, SFT_SEEDS["test"], args.sft_test,

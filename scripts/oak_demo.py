@@ -6,18 +6,18 @@
 
 Steps (each a plain command, printed before it runs):
 
-1. ``python -m opensloth.oak.tasks``: ProntoQA-style true/false tasks of the
+1. ``scripts/make_task_data.py``: ProntoQA-style true/false tasks of the
    embedded generator (one or two rules, short answers ``Answer: True``):
    4000 SFT chats, 512 rollout prompts, 200 held-out prompts never seen in
    training.
-2. ``python -m opensloth.oak.warmup``: 195 steps of full-weight SFT of
+2. ``scripts/oak_warmup_sft.py``: 195 steps of full-weight SFT of
    ``data/tiny-qwen3`` (why not LoRA: see that module). The result answers in
    the right format and is near chance on the logic.
 3. ``train_scripts/run_oak_dpo.py`` twice from that SFT model, 3 iterations
    each, 4 samples per prompt, verifier judge:
    (a) ``examples/config_oak_dpo.yaml``: fixed beta, DPO + NLL of the chosen reply;
    (b) the same with ``--beta_mode dynamic --nll_weight 0``: plain DPO, dynamic beta.
-4. Tables and plots from the run folders (``python -m opensloth.oak.report``).
+4. Tables and plots from the run folders (``scripts/oak_report.py``).
 
 Runs use one thread per process (``OMP_NUM_THREADS=1``): on a small shared
 CPU, torch's default thread pool spins against other processes and a
@@ -41,11 +41,11 @@ SECTION_TEMPLATE = """\
 `.venv/bin/python scripts/oak_demo.py --update-docs` wrote this section: {{TIMING}}. Machine: 2 shared
 CPU cores, no GPU. The loop itself is `train_scripts/run_oak_dpo.py` (the demo prints every command it runs).
 
-- **Task**: the ProntoQA-style true/false task of `opensloth.data.synthetic` with one or two rules
+- **Task**: the ProntoQA-style true/false task of `opensloth.tasks` with one or two rules
   ("Every wumpus is not a yumpus. Max is a wumpus. True or false: Max is a yumpus."), short-answer
   subset (the reply is `Answer: True` or `Answer: False`); chance is 50%. 4000 SFT chats, 512
   rollout prompts, 200 held-out prompts that occur in neither.
-- **SFT policy**: `data/tiny-qwen3` after 195 steps of full-weight SFT (`python -m opensloth.oak.warmup`,
+- **SFT policy**: `data/tiny-qwen3` after 195 steps of full-weight SFT (`scripts/oak_warmup_sft.py`,
   batch 32, lr 3e-3). It answers in the right format and is at chance on the logic.
 - **Each iteration**: 4 candidates per rollout prompt at temperature 1 from the current policy,
   verifier judge, best vs worst candidate (ties skipped and counted), one epoch of LoRA DPO (q/k/v/o,
@@ -135,9 +135,9 @@ def main() -> None:
     data, sft = os.path.join(args.out, "data"), os.path.join(args.out, "sft")
     seconds = {}
     total = time.perf_counter()
-    seconds["data"] = run([py, "-m", "opensloth.oak.tasks", "--kind", "prontoqa", "--size", "16", "--response",
+    seconds["data"] = run([py, "scripts/make_task_data.py", "--kind", "prontoqa", "--size", "16", "--response",
                            "answer", "--out", data], env)
-    seconds["sft"] = run([py, "-m", "opensloth.oak.warmup", "--data", os.path.join(data, "sft"),
+    seconds["sft"] = run([py, "scripts/oak_warmup_sft.py", "--data", os.path.join(data, "sft"),
                           "--max_steps", str(args.sft_steps), "--out", sft], env)
     launcher = [py] if args.nproc == 1 else [py, "-m", "torch.distributed.run", "--standalone",
                                              f"--nproc_per_node={args.nproc}"]
@@ -150,7 +150,8 @@ def main() -> None:
     total = time.perf_counter() - total
 
     sys.path.insert(0, os.path.join(REPO, "src"))
-    from opensloth.oak.report import SECTION, replace_section, summary_markdown, write_reports
+    from opensloth.markdown import update_markdown_block
+    from opensloth.online_dpo.report import SECTION, summary_markdown, write_reports
 
     tables = {}
     for name, (label, _) in RUNS.items():
@@ -165,7 +166,7 @@ def main() -> None:
                     .replace("{{TABLE_dpo_dynamic}}", tables["dpo_dynamic"].rstrip())
                     .replace("{{TIMING}}", f"{total:.0f} s in total ({timing}); {args.nproc} rank(s), "
                                            f"backend {args.backend}"))
-        replace_section(os.path.join(REPO, "docs", "benchmarks.md"), SECTION, body)
+        update_markdown_block(os.path.join(REPO, "docs", "benchmarks.md"), SECTION, body)
         print("updated docs/benchmarks.md (oak_dpo section) and docs/img/oak_accuracy_*.png")
 
 

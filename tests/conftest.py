@@ -1,20 +1,13 @@
-"""Shared test helpers: repo paths, the embedded default, subprocess launchers."""
+"""pytest setup: subprocesses find this interpreter's ``python`` and ``torchrun``.
+
+Shared helpers live in ``tests/helpers.py`` and are imported normally
+(``from helpers import REPO, run``); nothing is imported from this file.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = REPO / "data" / "tiny-qwen3"
-SFT_DATA = REPO / "data" / "sft"
-PREF_DATA = REPO / "data" / "preference"
-HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
 
 # Subprocesses that call `python` or `torchrun` must get this interpreter's environment
 # (CI runs `.venv/bin/python -m pytest` without activating the venv).
@@ -22,26 +15,4 @@ _BIN = os.path.dirname(sys.executable)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
-requires_unsloth = pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (hf path still tested)")
-
-
-def clean_env(**extra) -> dict:
-    """Environment for child processes: no inherited torchrun variables, quiet, offline."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
-    """``python -m torch.distributed.run`` on a free port (standalone rendezvous)."""
-    if nproc == 1:
-        return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            script, *args]
-
-
-def run(cmd: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+from helpers import tokenizer  # noqa: E402,F401  (the shared fixture, for every test module)

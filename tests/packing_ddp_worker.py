@@ -1,4 +1,4 @@
-"""Worker for tests/test_packing_trainer.py, launched with ``torchrun --nproc_per_node=2``.
+"""Worker for tests/test_patches_batch_samples.py, launched with ``torchrun --nproc_per_node=2``.
 
 One epoch of SFT on 11 samples, batch 2 x accum 2 per rank, learning rate 0,
 with opensloth's batch patch, once per layout given on the command line. Per
@@ -37,18 +37,18 @@ def sequences_of(inputs: dict, pad_token_id: int = 0) -> list[tuple[int, ...]]:
 
 def main(out_dir: str, layouts: list[str]) -> None:
     torch.set_num_threads(1)
-    from opensloth.patching.ddp_patch import ddp_patch
+    from opensloth.patches.ddp import ddp_patch
 
     ddp_patch()
     import trl
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples, settings_for
-    from opensloth.utils.dataset_cache import _check_distributed_environment
+    from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples, settings_for
+    from opensloth.distributed import distributed_env
 
     patch_optimize_sft_trainer_batch_samples()
-    rank = _check_distributed_environment().rank
+    rank = distributed_env().rank
     tok = AutoTokenizer.from_pretrained("data/tiny-qwen3")
     data = load_dataset("json", data_files="data/sft/train.jsonl", split="train").select(range(11))
 

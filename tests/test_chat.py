@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_MODEL, run
-from test_export import _random_adapter
+from helpers import TINY_MODEL, random_lora_adapter, run
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    return _random_adapter(str(tmp_path_factory.mktemp("adapter")))
+    return random_lora_adapter(str(tmp_path_factory.mktemp("adapter")))
 
 
 def test_reply_uses_the_chat_template_and_the_adapter(adapter):
@@ -36,7 +35,7 @@ def test_cli_one_shot_and_interactive(adapter):
     import subprocess
     import sys
 
-    from conftest import REPO, clean_env
+    from helpers import REPO, clean_env
 
     piped = subprocess.run([sys.executable, "-m", "opensloth.chat", "--model", str(TINY_MODEL), "--max_new_tokens", "8"],
                            input="Compute 3 + 4.\n\n/reset\nWhat is 1 + 1?\n/exit\nnever answered\n", text=True,

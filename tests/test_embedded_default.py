@@ -21,16 +21,7 @@ import textwrap
 
 import pytest
 
-from opensloth.data.synthetic import (
-    TASK_KINDS,
-    Task,
-    check_answer,
-    detect_kind,
-    extract_answer,
-    make_task,
-    make_wrong_response,
-    solve,
-)
+from opensloth.tasks import TASK_KINDS, check_answer, detect_kind, make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data")
@@ -54,13 +45,6 @@ def _load_script(name: str):
 @pytest.fixture(scope="module")
 def build():
     return _load_script("build_tiny_model")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(MODEL)
 
 
 # ---------------------------------------------------------------- model and tokenizer
@@ -215,9 +199,9 @@ def test_data_folder_is_small():
 
 
 def test_shipped_files_match_the_generator():
-    """Editing synthetic.py without rerunning make_sample_data.py fails here."""
+    """Editing a task family in opensloth.tasks without rerunning make_sample_data.py fails here."""
     module = _load_script("make_sample_data")
-    from opensloth.data.synthetic import make_conversation, make_preference_pair
+    from opensloth.tasks import make_conversation, make_preference_pair
 
     for make, seed, path in [
         (make_conversation, module.SFT_SEEDS["train"], SFT_FILES[0]),
@@ -375,24 +359,7 @@ def test_build_is_byte_reproducible(tmp_path):
     assert untrained["tokenizer.json"] == first["tokenizer.json"]
 
 
-# ---------------------------------------------------------------- verifiers
-
-
-@pytest.mark.parametrize("kind", TASK_KINDS)
-def test_verifier_accepts_correct_and_rejects_wrong(kind):
-    rng = random.Random(kind)
-    for size in (20, 60, 150, 400, 900):
-        for _ in range(10):
-            task = make_task(rng, kind=kind, size=size)
-            assert task.kind == kind
-            assert detect_kind(task.prompt) == kind
-            assert solve(None, task.prompt) == task.answer
-            assert check_answer(task, None, task.response)
-            assert check_answer(kind, task.prompt, task.response)
-            assert check_answer(None, task.prompt, task.response)
-            wrong = make_wrong_response(rng, task)
-            assert not check_answer(None, task.prompt, wrong)
-            assert not check_answer(task, None, wrong)
+# ---------------------------------------------------------------- verifiers on the shipped data
 
 
 def test_verifier_on_shipped_data():
@@ -406,45 +373,6 @@ def test_verifier_on_shipped_data():
         for record in _read_jsonl(path):
             assert check_answer(None, record["prompt"], record["chosen"])
             assert not check_answer(None, record["prompt"], record["rejected"])
-
-
-def test_extract_answer_is_robust():
-    assert extract_answer("12 + 7 = 19.\nAnswer: 19") == "19"
-    assert extract_answer("answer: 3\nwait, no.\nANSWER: 4.") == "4."
-    assert extract_answer("I think the result is 42") == "42"
-    assert extract_answer("") is None
-    task = Task("add", "What is 12 + 7?", "19")
-    assert check_answer(task, None, "the sum is 19.")
-    assert check_answer(task, None, "Answer:  19 .")
-    assert not check_answer(task, None, "Answer: 190")
-    assert check_answer("sort", "Sort these numbers in ascending order: [3, 1, 2]", "Answer: [1,2,3]")
-    assert check_answer("prontoqa", "Every impus is a lorpus. Max is an impus. True or false: Max is a lorpus.",
-                        "So Max is a lorpus.\nAnswer: true")
-
-
-def test_prontoqa_solver_follows_chains_and_negations():
-    prompt = ("Every dumpus is not a rompus. Every wumpus is a yumpus. Every yumpus is a dumpus. "
-              "Every yumpus is a felpus. Sam is a wumpus. True or false: Sam is a rompus.")
-    assert solve(None, prompt) == "False"
-    assert solve(None, prompt.replace("Sam is a rompus.", "Sam is not a rompus.")) == "True"
-    with pytest.raises(ValueError, match="does not decide"):
-        solve(None, prompt.replace("Sam is a rompus.", "Sam is a gorpus."))
-
-
-def test_unknown_inputs_raise():
-    with pytest.raises(ValueError, match="unknown task kind"):
-        make_task(random.Random(0), kind="poetry")
-    with pytest.raises(ValueError, match="cannot tell the task kind"):
-        detect_kind("Tell me a joke.")
-
-
-def test_generation_is_deterministic():
-    def tasks(seed):
-        rng = random.Random(seed)
-        return [make_task(rng) for _ in range(200)]
-
-    assert tasks(7) == tasks(7)
-    assert tasks(7) != tasks(8)
 
 
 # ---------------------------------------------------------------- Unsloth (slow)

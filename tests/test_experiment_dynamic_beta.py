@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run
+from helpers import REPO, run
 
 SCRIPT = "scripts/experiment_dynamic_beta.py"
 

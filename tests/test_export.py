@@ -7,33 +7,14 @@ import os
 
 import pytest
 
-from conftest import TINY_MODEL, run
+from helpers import TINY_MODEL, random_lora_adapter, run
 
 PROBE = "Every wumpus is a yumpus. Max is a wumpus. True or false: Max is a yumpus."
 
 
-def _random_adapter(path: str, seed: int = 1, scale: float = 0.5) -> str:
-    """A LoRA adapter with non-zero B (so merging changes the weights), saved as a training run saves one."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(TINY_MODEL)),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, scale)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(TINY_MODEL)).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    return _random_adapter(str(tmp_path_factory.mktemp("adapter")))
+    return random_lora_adapter(str(tmp_path_factory.mktemp("adapter")))
 
 
 def _logits(model):
@@ -120,7 +101,7 @@ def test_legacy_command_line_exports_fp8_that_transformers_loads(tmp_path):
     """
     import torch
 
-    adapter = _random_adapter(str(tmp_path / "adapter"), scale=0.05)
+    adapter = random_lora_adapter(str(tmp_path / "adapter"), scale=0.05)
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 

@@ -17,7 +17,7 @@ import sys
 import zipfile
 
 import pytest
-from conftest import REPO, run
+from helpers import REPO, run
 
 sys.path.insert(0, str(REPO / "scripts"))
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opensloth.utils.packing import (
+from opensloth.packing import (
     IGNORE_INDEX,
     apply_overflow,
     balanced_rows,
@@ -380,7 +380,7 @@ def test_empty_micro_batch_is_a_tiny_all_masked_batch():
 def test_attention_coef_from_config():
     from types import SimpleNamespace
 
-    from opensloth.utils.packing import attention_coef_for
+    from opensloth.packing import attention_coef_for
 
     # Qwen2.5-7B-like: attention adds about 6% to a 4096-token sequence.
     cfg = SimpleNamespace(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, head_dim=128,

@@ -14,9 +14,9 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SFT_DATA, TINY_MODEL, requires_unsloth, run
+from helpers import REPO, SFT_DATA, TINY_MODEL, pythonpath, requires_unsloth, run
 
-from opensloth.utils.packing import pack
+from opensloth.packing import pack
 
 FP32_TOL = 1e-4
 
@@ -141,7 +141,7 @@ def test_unsloth_fast_language_model_packed_forward(tmp_path):
     """Unsloth's CPU backend (bfloat16): packed log-probs match within bf16 noise; naive ones do not."""
     script = tmp_path / "unsloth_packed_check.py"
     script.write_text(UNSLOTH_CHECK)
-    proc = run(["python", str(script), str(TINY_MODEL)], timeout=300, PYTHONPATH=str(REPO / "tests"))
+    proc = run(["python", str(script), str(TINY_MODEL)], timeout=300, PYTHONPATH=pythonpath(REPO / "tests"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])

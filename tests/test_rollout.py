@@ -14,8 +14,9 @@ import math
 import random
 
 import pytest
-from conftest import SFT_DATA, TINY_MODEL
+from helpers import SFT_DATA, TINY_MODEL
 
+from opensloth.config import build
 from opensloth.errors import UserInputError
 from opensloth.rollout.seeding import derive_seed, merge_shards, shard_indices
 from opensloth.rollout.settings import RolloutSettings
@@ -69,8 +70,8 @@ def test_rollout_settings_validate():
     with pytest.raises(UserInputError, match="top_p"):
         RolloutSettings(top_p=0.0)
     with pytest.raises(UserInputError, match="unknown keys"):
-        RolloutSettings.from_mapping({"temprature": 0.5})
-    assert RolloutSettings.from_mapping({"samples": 3}).samples == 3
+        build(RolloutSettings, {"temprature": 0.5}, "rollout")
+    assert build(RolloutSettings, {"samples": 3}, "rollout").samples == 3
 
 
 def test_filter_logits_matches_brute_force():
@@ -175,7 +176,7 @@ def test_greedy_decoding_is_the_argmax_chain(tiny):
 
 
 def test_verifier_scores_the_synthetic_tasks_including_prontoqa():
-    from opensloth.data.synthetic import TASK_KINDS, make_task, make_wrong_response
+    from opensloth.tasks import TASK_KINDS, make_task, make_wrong_response
     from opensloth.rollout.judges import JudgeError, VerifierJudge
 
     rng = random.Random(3)
@@ -202,7 +203,7 @@ def test_judged_records_feed_the_data_loader_with_ties_and_empties_counted(tmp_p
     from opensloth.data.judged import build_judged_dataset
     from opensloth.rollout.judges import VerifierJudge, judge_traces
     from opensloth.rollout.run import build_pairs
-    from opensloth.rollout.traces import write_jsonl_atomic
+    from opensloth.atomic import write_jsonl_atomic
 
     records = _records([
         ["Answer: 1", "Answer: 9 (0 + 1 = 1?)", "Answer: 5"],  # right vs wrong -> a pair

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _write_run(root, name, losses, betas=None):
@@ -51,7 +51,7 @@ import pytest  # noqa: E402
 @pytest.mark.slow
 def test_sanity_matrix_script_passes(tmp_path):
     """The full matrix (SFT + DPO, 1/2/4 ranks), short: the script exits 0 and draws the figure."""
-    from conftest import clean_env
+    from helpers import clean_env
 
     env = clean_env(OUT=str(tmp_path / "sanity"), STEPS="5", PNG=str(tmp_path / "sanity.png"),
                     PYTHON=sys.executable)

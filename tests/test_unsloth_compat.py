@@ -19,12 +19,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import requires_unsloth, run
+from helpers import requires_unsloth, run
 
 from opensloth.errors import UserInputError
-from opensloth.patching import applied_patches
-from opensloth.patching.registry import PatchTargetError
-from opensloth.patching.unsloth_compat import (
+from opensloth.patches import applied_patches
+from opensloth.patches.registry import PatchTargetError
+from opensloth.patches.unsloth_compat import (
     TOKEN_BALANCE_BYPASS,
     bypass_unsloth_token_balance,
     check_trainer_patched,
@@ -32,7 +32,7 @@ from opensloth.patching.unsloth_compat import (
     is_unsloth_token_balanced_sampler,
     unsloth_token_balance_requested,
 )
-from opensloth.utils.distributed import SHARE_DEVICE_ENV, preferred_backend, share_device_requested
+from opensloth.distributed import SHARE_DEVICE_ENV, preferred_backend, share_device_requested
 
 
 # --- OPENSLOTH_SHARE_DEVICE ---------------------------------------------------------------------
@@ -61,7 +61,7 @@ def one_fake_gpu(monkeypatch):
 
 
 def test_shared_device_puts_rank_1_on_cuda_0_with_gloo(monkeypatch, one_fake_gpu):
-    from opensloth.patching.ddp_patch import _pin_device
+    from opensloth.patches.ddp import _pin_device
 
     monkeypatch.setenv(SHARE_DEVICE_ENV, "1")
     assert preferred_backend() == "gloo"
@@ -72,7 +72,7 @@ def test_shared_device_puts_rank_1_on_cuda_0_with_gloo(monkeypatch, one_fake_gpu
 
 
 def test_without_the_override_rank_1_needs_a_second_gpu(monkeypatch, one_fake_gpu):
-    from opensloth.patching.ddp_patch import _pin_device
+    from opensloth.patches.ddp import _pin_device
 
     monkeypatch.delenv(SHARE_DEVICE_ENV, raising=False)
     assert preferred_backend() == "nccl"
@@ -101,7 +101,7 @@ def test_token_balance_env_parsed_like_unsloth(value, expected):
 
 @pytest.fixture
 def forget_bypass():
-    from opensloth.patching import registry
+    from opensloth.patches import registry
 
     registry._APPLIED.pop(TOKEN_BALANCE_BYPASS, None)
     yield
@@ -128,15 +128,15 @@ def test_unsloth_token_balanced_sampler_is_unwrapped_once_with_a_warning(capfd, 
 def test_batch_patch_over_token_balanced_loader_keeps_the_step(tmp_path, forget_bypass):
     """The patched step over a loader Unsloth balanced holds the same samples as the stock step."""
     from datasets import load_dataset
-    from test_packing_trainer import _sequences, _trainer
+    from test_patches_batch_samples import _sequences, _trainer
     from transformers import AutoTokenizer
 
-    from opensloth.patching.batch_samples import (
+    from opensloth.patches.batch_samples import (
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
     )
 
-    from conftest import SFT_DATA, TINY_MODEL
+    from helpers import SFT_DATA, TINY_MODEL
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     data = load_dataset("json", data_files=str(SFT_DATA / "train.jsonl"), split="train")
@@ -165,7 +165,7 @@ def test_batch_patch_over_token_balanced_loader_keeps_the_step(tmp_path, forget_
 def test_trainer_from_a_stale_class_is_refused(monkeypatch):
     import trl
 
-    from opensloth.patching.batch_samples import (
+    from opensloth.patches.batch_samples import (
         PATCH_NAME,
         patch_optimize_sft_trainer_batch_samples,
         unpatch_optimize_sft_trainer_batch_samples,
@@ -206,11 +206,11 @@ COMPILED_CHECK = textwrap.dedent(r"""
     for name in ("sft_trainer", "dpo_trainer"):   # what PatchFastRL does at import on a GPU machine
         rl._patch_trl_rl_trainers_impl(name)
     from transformers import Trainer
-    from opensloth.patching.ddp_patch import ddp_patch
-    from opensloth.patching.batch_samples import PATCH_NAME, patch_optimize_sft_trainer_batch_samples
-    from opensloth.patching.unsloth_compat import check_trainer_patched, compiled_cache_digest, loss_scaling_owner
+    from opensloth.patches.ddp import ddp_patch
+    from opensloth.patches.batch_samples import PATCH_NAME, patch_optimize_sft_trainer_batch_samples
+    from opensloth.patches.unsloth_compat import check_trainer_patched, compiled_cache_digest, loss_scaling_owner
     from opensloth.dpo.trainer import LOSS_PATCH, patch_dpo_trainer_dynamic_beta
-    from opensloth.patching import applied_patches
+    from opensloth.patches import applied_patches
     out = {"sft_rebound": trl.SFTTrainer is not stock_sft, "dpo_rebound": trl.DPOTrainer is not stock_dpo}
     ddp_patch()
     out["owner_after_ddp_patch"] = loss_scaling_owner()
@@ -262,12 +262,12 @@ def test_shared_device_training_args_default_to_gloo(monkeypatch):
 
     from transformers import TrainingArguments
 
-    from opensloth.patching.ddp_patch import (
+    from opensloth.patches.ddp import (
         SHARED_DEVICE_PATCH,
         _make_shared_device_post_init,
         patch_training_args_shared_device,
     )
-    from opensloth.patching.registry import is_patched, unpatch
+    from opensloth.patches.registry import is_patched, unpatch
 
     # The swap: on the real class, once, listed.
     assert patch_training_args_shared_device() is True
@@ -324,7 +324,7 @@ def _sft_config_kwargs(monkeypatch, tmp_path, **make_kwargs) -> dict:
 
     import trl
 
-    from opensloth.sft import SFTRunSettings, make_sft_config
+    from opensloth.sft import SFTSettings, make_sft_config
 
     seen = {}
 
@@ -333,7 +333,7 @@ def _sft_config_kwargs(monkeypatch, tmp_path, **make_kwargs) -> dict:
         return SimpleNamespace(**kwargs)
 
     monkeypatch.setattr(trl, "SFTConfig", recording_config)
-    make_sft_config(SFTRunSettings(run_dir=str(tmp_path)), **make_kwargs)
+    make_sft_config(SFTSettings(), run_dir=str(tmp_path), per_device=8, backend="hf", dtype="float32", **make_kwargs)
     return seen
 
 
@@ -367,10 +367,10 @@ CACHE_ON_UNSLOTH_GPU_PATH = textwrap.dedent(r"""
     import torch, trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from opensloth.data import load_records
-    from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
-    from opensloth.sft import SFTRunSettings, build_sft_trainer, make_sft_config
-    from opensloth.utils.dataset_cache import (DatasetCacheConfig, DatasetCacheMismatchError,
-                                               cache_dataset_wrapper, sft_dataset_kwargs, trainer_prepare_args)
+    from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
+    from opensloth.sft import SFTSettings, build_sft_trainer, make_sft_config
+    from opensloth.cache import DatasetCacheConfig, DatasetCacheMismatchError, cache_dataset_wrapper, sft_dataset_kwargs
+    from opensloth.cache.key import trainer_prepare_args
 
     tiny, sft, work = sys.argv[1:4]
     patch_optimize_sft_trainer_batch_samples()
@@ -378,20 +378,24 @@ CACHE_ON_UNSLOTH_GPU_PATH = textwrap.dedent(r"""
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     raw = load_records(sft, "train[:24]").select_columns(["messages"])
 
-    def unset(model, tokenizer, train, val, world_size, settings):  # a config that leaves padding_free None
-        config = make_sft_config(settings, world_size, False, dataset_kwargs=sft_dataset_kwargs(train))
+    def unset(model, tokenizer, train, val, world_size, settings, *, run_dir, per_device, backend):
+        # a config that leaves padding_free None
+        config = make_sft_config(settings, run_dir=run_dir, per_device=per_device, world_size=world_size,
+                                 backend=backend, dtype="float32", has_eval=False,
+                                 dataset_kwargs=sft_dataset_kwargs(train))
         config.padding_free = None
         return trl.SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
 
     out = {}
     for name, factory in (("unset", unset), ("opensloth", build_sft_trainer)):
-        settings = SFTRunSettings(run_dir=os.path.join(work, name), max_seq_length=512, max_steps=1)
+        settings = SFTSettings(max_seq_length=512, max_steps=1)
+        where = dict(run_dir=os.path.join(work, name), per_device=8, backend="unsloth")
         wrapped = cache_dataset_wrapper(DatasetCacheConfig(cache_dir=os.path.join(work, "cache_" + name)),
                                         {"max_seq_length": 512})(factory)
-        builder = wrapped(model, tok, raw, None, 1, settings)  # tokenizes the raw data, publishes it
+        builder = wrapped(model, tok, raw, None, 1, settings, **where)  # tokenizes the raw data, publishes it
         out[name] = {"class": type(builder).__name__, "builder": trainer_prepare_args(builder)}
         try:
-            reader = wrapped(model, tok, raw, None, 1, settings)  # the tokenized cache, as another rank reads it
+            reader = wrapped(model, tok, raw, None, 1, settings, **where)  # the tokenized cache, as another rank reads it
             out[name]["reader"] = trainer_prepare_args(reader)
         except DatasetCacheMismatchError as exc:
             out[name]["error"] = str(exc)
@@ -404,7 +408,7 @@ CACHE_ON_UNSLOTH_GPU_PATH = textwrap.dedent(r"""
 def test_cache_builder_and_readers_agree_on_unsloths_gpu_path(tmp_path):
     """Run 1 on an H200, reproduced on CPU: with padding_free unset, Unsloth's SFTTrainer turned padding-free
     on for the builder (raw data, max_length cleared) and off for the readers (tokenized rows)."""
-    from conftest import SFT_DATA, TINY_MODEL
+    from helpers import SFT_DATA, TINY_MODEL
 
     script = tmp_path / "cache_gpu_path.py"
     script.write_text(CACHE_ON_UNSLOTH_GPU_PATH)

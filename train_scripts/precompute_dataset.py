@@ -21,8 +21,10 @@ keep their start and records left with nothing to learn from are dropped.
 Preference data becomes ``prompt_ids``/``chosen_ids``/``rejected_ids``,
 clamped so that long prompts are cut from the left and completions fit.
 
-Training loads it with ``opensloth.utils.dataset_cache.load_prepared_dataset``,
-which refuses data made with another tokenizer or a longer length limit.
+Training loads it with ``opensloth.cache.load_prepared_dataset``, which
+refuses data made with another tokenizer or a longer length limit. Preference
+data goes through the same pipeline as ``train_dpo.py``
+(:mod:`opensloth.data.preference`; formats in :mod:`opensloth.data.formats`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ import os
 import sys
 import time
 
+from opensloth.cache.key import compute_cache_key, dataset_fingerprint, tokenizer_fingerprint
+from opensloth.cache.store import inspect_prepared, library_versions, publish_prepared
+from opensloth.data import (DatasetSourceError, load_preference_dataset, load_records, prepare_chat_dataset,
+                            tokenize_preference_dataset)
+from opensloth.data.formats import PREFERENCE_FORMATS
+from opensloth.errors import UserInputError, run_cli
+from opensloth.log import log_rank0
+
+# Formats that start from text (a prepared folder is already tokenized).
+TEXT_FORMATS = ("auto", *(name for name, spec in PREFERENCE_FORMATS.items() if not spec.tokenized))
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="output folder name under --output_root")
     p.add_argument("--output_root", default="data/precomputed", help="parent of the output folder")
     p.add_argument("--format", choices=("chat", "preference"), default="chat",
-                   help="chat: messages -> input_ids/labels; preference: pairs/HH/judged -> prompt/chosen/rejected ids")
-    p.add_argument("--preference_format", choices=("auto", "pairs", "hh", "judged"), default="auto",
-                   help="input layout for --format preference")
+                   help="chat: messages -> input_ids/labels; preference: pairs/chat pairs/HH/judged -> prompt/chosen/rejected ids")
+    p.add_argument("--preference_format", choices=TEXT_FORMATS, default="auto",
+                   help="input layout for --format preference (see opensloth.data.formats)")
     p.add_argument("--train_split", default="train", help="split to tokenize for training; slicing like train[:10%%] works")
     p.add_argument("--val_split", default="test", help="split to tokenize for evaluation ('' for none)")
     p.add_argument("--train_samples", type=int, default=None, help="keep the first N training records")
@@ -61,8 +74,6 @@ def _limit(ds, n):
 
 
 def _split_exists(dataset: str, split: str) -> bool:
-    from opensloth.data import DatasetSourceError, load_records
-
     try:
         load_records(dataset, split)
     except DatasetSourceError:
@@ -72,8 +83,6 @@ def _split_exists(dataset: str, split: str) -> bool:
 
 def tokenize_split(args, tokenizer, split: str, samples: int | None, label: str):
     """Load one split and tokenize it; returns ``(raw, tokenized, report)``."""
-    from opensloth.data import load_preference_dataset, load_records, prepare_chat_dataset, tokenize_preference_dataset
-
     if args.format == "chat":
         raw = _limit(load_records(args.dataset, split), samples)
         tokenized, report = prepare_chat_dataset(
@@ -92,13 +101,9 @@ def tokenize_split(args, tokenizer, split: str, samples: int | None, label: str)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_seq_length < 8:
-        raise SystemExit(f"--max_seq_length {args.max_seq_length} is too small; use at least 8")
+        raise UserInputError(f"--max_seq_length {args.max_seq_length} is too small; use at least 8")
 
     from transformers import AutoTokenizer
-
-    from opensloth.data.fingerprint import compute_cache_key, dataset_fingerprint, tokenizer_fingerprint
-    from opensloth.data.prepared import inspect_prepared, library_versions, publish_prepared
-    from opensloth.log import log_rank0
 
     out_path = os.path.join(args.output_root, args.name)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name)
@@ -154,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

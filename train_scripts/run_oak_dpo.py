@@ -7,7 +7,7 @@
     python train_scripts/run_oak_dpo.py ... --iterations 4          # resumes after the last complete iteration
     .venv/bin/python scripts/oak_demo.py                            # data + SFT + 3 iterations on CPU, with plots
 
-Per iteration k = 1..K (see ``src/opensloth/oak/__init__.py`` for the layout):
+Per iteration k = 1..K (see ``src/opensloth/online_dpo/__init__.py`` for the layout):
 
 1. policy = the SFT weights (a LoRA ``--sft-model`` is merged into its base
    once) + the LoRA adapter of iteration k-1 (a fresh adapter for k = 1);
@@ -37,20 +37,32 @@ import os
 import sys
 import time
 
-# Light imports only: Unsloth must be imported before transformers/TRL.
-from opensloth.dpo.controller import DynamicBetaConfig
-from opensloth.dpo.run import DYNAMIC_SECTION, DPORunSettings, add_dataclass_flags
+# Light imports only (none imports torch, transformers or TRL): Unsloth must come first, in setup_backend.
+from opensloth.atomic import write_json_atomic
+from opensloth.config import add_flags
+from opensloth.distributed import barrier
 from opensloth.errors import UserInputError, run_cli
-from opensloth.oak.config import DPO_PREFIX
-from opensloth.rollout.settings import ROLLOUT_SECTION, RolloutSettings
+from opensloth.launch import model_dtype_name, resolve_backend, setup_backend
+from opensloth.log import log_rank0
+from opensloth.online_dpo import layout
+from opensloth.online_dpo.config import SECTIONS, iteration_settings, prompt_window, resolve_oak_config
+from opensloth.online_dpo.evaluate import heldout_accuracy
+from opensloth.online_dpo.report import SFT_EVAL, summary_markdown, write_reports
+from opensloth.online_dpo.round import run_dpo_round
+from opensloth.online_dpo.run_record import check_run_record
+from opensloth.online_dpo.sft_reference import prepare_reference
+from opensloth.rollout.judges import make_judge
+from opensloth.rollout.policy import describe_checkpoint, load_policy
+from opensloth.rollout.run import PAIRS_FILE, run_rollout
+from opensloth.rollout.traces import load_prompts
+from opensloth.tasks import TASK_KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, required=True, help="number of rollout + DPO rounds (K)")
-    p.add_argument("--samples", type=int, default=None, help="candidates per prompt (k); overrides rollout.samples")
     p.add_argument("--config", default=None,
-                   help="YAML: DPO keys at the top level, 'dynamic_beta:' and 'rollout:' sections")
+                   help="YAML: DPO keys at the top level, 'dynamic_beta:', 'rollout:', 'lora:' and 'oak:' sections")
     p.add_argument("--train-data", "--train_data", dest="train_data", required=True,
                    help="prompts for the rollouts: JSONL/JSON/Parquet file or folder; rows with a 'prompt' "
                         "string or chat 'messages' (first user turn)")
@@ -75,20 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", "--eval_limit", dest="eval_limit", type=int, default=200,
                    help="held-out prompts evaluated per iteration")
     p.add_argument("--output", default="outputs/oak_dpo", help="run folder (see the layout above)")
-    p.add_argument("--backend", choices=("auto", "unsloth", "hf"), default=None,
-                   help="overrides the config's backend (default auto: unsloth if installed)")
-    p.add_argument("--beta_mode", "--beta-mode", dest="beta_mode", choices=("fixed", "dynamic"), default=None,
-                   help="overrides the config's beta_mode")
-    add_dataclass_flags(p, DPORunSettings, prefix=DPO_PREFIX)  # --dpo.learning_rate, --dpo.num_epochs, ...
-    add_dataclass_flags(p, DynamicBetaConfig, prefix=f"{DYNAMIC_SECTION}.")  # --dynamic_beta.warmup_steps, ...
-    add_dataclass_flags(p, RolloutSettings, prefix=f"{ROLLOUT_SECTION}.")  # --rollout.temperature, ...
-    p.add_argument("--nll_weight", "--nll-weight", dest="nll_weight", type=float, default=None,
-                   help="add this weight x NLL of the chosen reply to the DPO loss (fixed beta only; "
-                        "overrides oak.nll_weight)")
-    p.add_argument("--lora.r", dest="lora__r", type=int, default=argparse.SUPPRESS, help="LoRA rank of the DPO adapter")
-    p.add_argument("--lora.alpha", dest="lora__alpha", type=int, default=argparse.SUPPRESS, help="LoRA alpha")
-    p.add_argument("--lora.target_modules", dest="lora__target_modules", nargs="+", default=argparse.SUPPRESS,
-                   help="modules the DPO adapter wraps (default q_proj k_proj v_proj o_proj)")
+    # --dpo.learning_rate, ..., --dynamic_beta.warmup_steps, --rollout.temperature, --lora.r, --oak.nll_weight,
+    # and the shortcuts --backend, --beta_mode, --samples, --nll_weight
+    for section in SECTIONS:
+        add_flags(p, section.cls, section.prefix, section.aliases)
     return p
 
 
@@ -96,50 +98,24 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.iterations < 1:
         raise UserInputError(f"--iterations {args.iterations} must be >= 1")
-    from opensloth.oak.config import resolve_oak_config
-
     cfg = resolve_oak_config(args.config, vars(args))
 
     # --- cheap checks first: no model is loaded for a run that cannot start ---
-    from opensloth.data.synthetic import TASK_KINDS
-    from opensloth.rollout.policy import describe_checkpoint
-    from opensloth.training import import_backend, resolve_backend
-    from opensloth.utils.dataset_cache import _check_distributed_environment
-
-    env = _check_distributed_environment()
     describe_checkpoint(args.sft_model, "--sft-model", allow_hub=False)
     checkable = args.dataset_type == "synthetic" or args.dataset_type in TASK_KINDS
     if args.judge == "verifier" and not checkable:
         raise UserInputError(f"--dataset-type {args.dataset_type!r} has no verifier; use one of "
                              f"{('synthetic', *TASK_KINDS)} or --judge reward_model")
     kind = None if args.dataset_type == "synthetic" else args.dataset_type
-    backend = resolve_backend(cfg.dpo.backend)
-    from opensloth.rollout.traces import load_prompts
-
+    resolve_backend(cfg.dpo.backend)
     pool = load_prompts(args.train_data, args.train_split, args.limit)
     heldout = load_prompts(args.eval_data, args.eval_split, args.eval_limit) if args.eval_data else None
     if heldout is not None and not checkable:
         raise UserInputError(f"--eval-data needs a checkable --dataset-type; {args.dataset_type!r} is not")
 
     # --- setup: Unsloth first, then ddp_patch (device, process group when WORLD_SIZE > 1) ---
-    import_backend(backend)
-    from opensloth.patching.ddp_patch import ddp_patch
-
-    device = ddp_patch()
-
-    from opensloth.log import log_rank0
-    from opensloth.oak import layout
-    from opensloth.oak.config import iteration_settings, prompt_window
-    from opensloth.oak.evaluate import heldout_accuracy
-    from opensloth.oak.reference import prepare_reference
-    from opensloth.oak.report import SFT_EVAL, summary_markdown, write_reports
-    from opensloth.oak.round import run_dpo_round
-    from opensloth.oak.run_record import check_run_record
-    from opensloth.rollout.judges import make_judge
-    from opensloth.rollout.policy import load_policy
-    from opensloth.rollout.run import PAIRS_FILE, run_rollout
-    from opensloth.rollout.traces import write_json_atomic
-    from opensloth.utils.distributed import barrier
+    launch = setup_backend(cfg.dpo.backend)
+    env, backend, device = launch.env, launch.backend, launch.device
 
     # --- the judge ---
     judge = make_judge(args.judge, dataset_type=args.dataset_type, reward_model=args.reward_model, device=device)
@@ -195,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer, prompt_window(pool, k, args.prompts_per_iteration), cfg.rollout, iteration=k,
             out_dir=layout.rollout_dir(args.output, k), env=env, judge=judge, backend=backend,
             model_info={"reference": reference["path"], "sft_model": args.sft_model, "adapter": previous,
-                        "backend": backend, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+                        "backend": backend, "dtype": model_dtype_name(model)},
         )
         counts = rollout.manifest["counts"]
         if not rollout.pairs:

@@ -13,8 +13,8 @@ import os
 
 import unsloth  # noqa: F401  (first: Unsloth patches transformers and TRL on import)
 
-from opensloth.patching.batch_samples import patch_optimize_sft_trainer_batch_samples
-from opensloth.patching.ddp_patch import ddp_patch
+from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
+from opensloth.patches.ddp import ddp_patch
 
 # 1. One call per process: pins this rank's device, creates the process group
 #    (gloo on CPU, nccl on CUDA) and fixes the trainer's cross-rank loss scaling.
@@ -26,9 +26,9 @@ from datasets import load_dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402
 
-from opensloth.utils.dataset_cache import _check_distributed_environment  # noqa: E402
+from opensloth.distributed import distributed_env  # noqa: E402
 
-env = _check_distributed_environment()
+env = distributed_env()
 model_name = os.environ.get("MODEL", "data/tiny-qwen3")
 dataset_dir = os.environ.get("DATASET", "data/sft")
 global_batch = int(os.environ.get("GLOBAL_BATCH", "16"))

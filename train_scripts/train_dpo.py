@@ -25,74 +25,53 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-from opensloth.dpo.controller import DynamicBetaConfig  # standard library only: Unsloth must come first
-from opensloth.dpo.run import DYNAMIC_SECTION, DPORunSettings, add_dataclass_flags
+# Light imports only (none imports torch, transformers or TRL): Unsloth must come first, in setup_run.
+from opensloth.config import add_config_flags
+from opensloth.data.preference import load_preference_splits
+from opensloth.dpo.collator import count_prompt_truncations
+from opensloth.dpo.lora_reference import parameter_report, use_base_model_as_reference
+from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, dpo_trainer_class, make_dpo_config, resolve_settings,
+                               write_settings)
 from opensloth.errors import run_cli
+from opensloth.launch import LoraSettings, load_model_and_tokenizer, model_dtype_name, setup_run, train_and_save
+from opensloth.log import log_rank0
+from opensloth.patches import applied_patches
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help="YAML file with these settings (dynamic-beta keys under 'dynamic_beta:'); flags override it")
-    add_dataclass_flags(p, DPORunSettings)  # --model_name, --dataset, --max_steps, --beta_mode, ...
-    add_dataclass_flags(p, DynamicBetaConfig, prefix=f"{DYNAMIC_SECTION}.")  # --dynamic_beta.alpha, ...
+    # --config, then --model_name, --dataset, --max_steps, --beta_mode, ... and --dynamic_beta.alpha, ...
+    add_config_flags(p, SECTIONS, config_help="YAML file with these settings (dynamic-beta keys under "
+                                              "'dynamic_beta:'); flags override it")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    from opensloth.dpo.run import resolve_settings
-
-    settings, dynamic_cfg = resolve_settings(args)
+    settings, dynamic_cfg = resolve_settings(build_parser().parse_args(argv))
     dynamic = settings.beta_mode == "dynamic"
 
-    # --- setup: Unsloth first, then ddp_patch (device, process group, loss fix) ---
-    from opensloth.training import import_backend, resolve_backend, resolve_per_device_batch, run_dir_for
-    from opensloth.utils.dataset_cache import _check_distributed_environment
-
-    env = _check_distributed_environment()
-    backend = resolve_backend(settings.backend)
-    per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
-                                          settings.grad_accum, env.world_size)
-    import_backend(backend)
-    from opensloth.patching.ddp_patch import ddp_patch
-
-    device = ddp_patch()
-
-    from opensloth.log import log_rank0
-    from opensloth.patching import applied_patches
-    from opensloth.training import LoraSettings, load_model_and_tokenizer
-
-    run_dir = run_dir_for(settings.output_dir, settings.experiment_name, env.world_size)
-    margins_dir = settings.margins_log_dir or os.path.join(run_dir, "logs", "margins")
-    log_rank0(f"global batch = {per_device} pairs per device x {settings.grad_accum} accum x {env.world_size} "
-              f"rank(s) = {per_device * settings.grad_accum * env.world_size} pairs; beta_mode={settings.beta_mode}; "
-              f"run dir {run_dir}")
+    # --- setup: checks, Unsloth first, then ddp_patch (device, process group, loss fix) ---
+    launch = setup_run(settings, unit="pairs")
+    log_rank0(f"beta_mode={settings.beta_mode}")
 
     # --- model ---
     model, tokenizer = load_model_and_tokenizer(
-        settings.model_name, backend=backend, max_seq_length=settings.max_seq_length, device=device,
+        settings.model_name, backend=launch.backend, max_seq_length=settings.max_seq_length, device=launch.device,
         seed=settings.seed, dtype=settings.dtype, lora=LoraSettings(),
         gradient_checkpointing=not settings.no_gradient_checkpointing, load_in_4bit=settings.load_in_4bit,
     )
-    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
 
-    # --- data ---
-    from opensloth.dpo.run import load_preference_splits
-
-    train_ds, val_ds = load_preference_splits(settings)
+    # --- data: pairs, HH transcripts, judged rollouts, chat pairs or a prepared folder -> prompt/chosen/rejected ---
+    train_ds, val_ds = load_preference_splits(
+        settings.dataset, train_split=settings.train_split, test_split=settings.test_split,
+        train_samples=settings.train_samples, test_samples=settings.test_samples)
 
     # --- trainer ---
-    from opensloth.dpo.data import count_prompt_truncations
-    from opensloth.dpo.reference import parameter_report, use_base_model_as_reference
-    from opensloth.dpo.run import build_dpo_trainer, dpo_trainer_class, make_dpo_config, write_settings
-
-    dpo_config = make_dpo_config(settings, dynamic_cfg, run_dir=run_dir, per_device=per_device,
-                                 world_size=env.world_size, backend=backend, dtype=dtype_name,
-                                 has_eval=val_ds is not None)
-    trainer_cls = dpo_trainer_class(dynamic=dynamic, backend=backend)
+    dpo_config = make_dpo_config(settings, dynamic_cfg, run_dir=launch.run_dir, per_device=launch.per_device,
+                                 world_size=launch.world_size, backend=launch.backend,
+                                 dtype=model_dtype_name(model), has_eval=val_ds is not None)
+    trainer_cls = dpo_trainer_class(dynamic=dynamic, backend=launch.backend)
     trainer = build_dpo_trainer(trainer_cls, model, tokenizer, train_ds, val_ds, dpo_config,
                                 left_truncate_to=None if settings.no_patches else settings.max_seq_length)
     if settings.no_patches:
@@ -108,30 +87,22 @@ def main(argv: list[str] | None = None) -> None:
               f"{params['lora_ref']:,}, separate reference model {params['ref_model']:,}")
     runtime = None
     if dynamic:
-        from opensloth.dpo.trainer import attach_dynamic_beta
+        from opensloth.patches.dpo_dynamic_beta import attach_dynamic_beta  # imports transformers: after setup
 
+        margins_dir = settings.margins_log_dir or os.path.join(launch.run_dir, "logs", "margins")
         runtime = attach_dynamic_beta(trainer, dynamic_cfg,
                                       margins_log_path=os.path.join(margins_dir, "margins.jsonl"))
-    if env.is_main:
-        write_settings(run_dir, settings, dynamic_cfg)
+    if launch.env.is_main:
+        write_settings(launch.run_dir, settings, dynamic_cfg)
     log_rank0("applied patches:\n  " + "\n  ".join(str(p) for p in applied_patches()))
 
-    # --- train ---
-    resume = settings.resume_from_checkpoint
-    resume = True if resume == "last" else resume
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.perf_counter() - start
-
-    # --- save ---
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        model.save_pretrained(run_dir)
-        tokenizer.save_pretrained(run_dir)
-        if runtime is not None:
-            runtime.save(run_dir)
+    # --- train and save (adapter, tokenizer, trainer state, controller state) ---
+    elapsed = train_and_save(trainer, model, tokenizer, launch.run_dir,
+                             resume_from_checkpoint=settings.resume_from_checkpoint,
+                             save_extra=runtime.save if runtime is not None else None)
     beta_note = f"; final beta {runtime.beta:.6g}" if runtime is not None else ""
-    log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s{beta_note}; adapter saved to {run_dir}")
+    log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s{beta_note}; adapter saved to "
+              f"{launch.run_dir}")
 
 
 if __name__ == "__main__":

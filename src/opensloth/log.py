@@ -21,11 +21,25 @@ def _env_rank() -> int:
         return 0
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (not the object current when the logger was made),
+    so redirections after the first log line (pytest's capture, a caller's ``contextlib.redirect_stderr``)
+    still receive opensloth's messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
 def get_logger() -> logging.Logger:
     """Return the package logger, configured once to print to stderr."""
     logger = logging.getLogger(_LOGGER_NAME)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("[opensloth%(rank_tag)s] %(levelname)s: %(message)s"))
         handler.addFilter(_RankFilter())
         logger.addHandler(handler)

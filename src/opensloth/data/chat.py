@@ -1,5 +1,10 @@
 """Chat ``messages`` records (trl-lib/Capybara format) for SFT.
 
+:func:`load_chat_splits` is what ``train_configurable.py`` trains on: the
+train (and eval) split of a source, with one ``messages`` (or ``text``)
+column that TRL prepares itself. :func:`prepare_chat_dataset` tokenizes ahead
+of training (``precompute_dataset.py``).
+
 A record holds ``messages``: a list of ``{"role": str, "content": str}`` with
 at least one assistant turn. ShareGPT-style ``conversations``
 (``{"from": "human"|"gpt"|"system", "value": str}``) are converted to this
@@ -29,6 +34,9 @@ from typing import Any, Sequence
 
 from opensloth.data.errors import DatasetFormatError, require_columns
 from opensloth.data.report import BAD_STRUCTURE, EMPTY, TOO_LONG, DropReport
+from opensloth.data.sources import load_records
+from opensloth.errors import UserInputError
+from opensloth.log import log_rank0
 
 IGNORE_INDEX = -100
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -40,7 +48,9 @@ __all__ = [
     "IGNORE_INDEX",
     "chat_record_problem",
     "format_chat_dataset",
+    "load_chat_splits",
     "prepare_chat_dataset",
+    "select_chat_columns",
     "sharegpt_to_messages",
     "tokenize_messages",
     "truncate_keep_start",
@@ -262,10 +272,55 @@ def format_chat_dataset(
     **kwargs,
 ):
     """:func:`prepare_chat_dataset` that logs the report and returns only the dataset."""
-    from opensloth.log import log_rank0
-
     formatted, report = prepare_chat_dataset(
         ds, tokenizer, mode=mode, assistant_only=assistant_only, max_seq_length=max_seq_length, **kwargs
     )
     log_rank0(report.summary())
     return formatted
+
+
+def select_chat_columns(ds, source: str):
+    """Keep the one column TRL trains on: chat ``messages`` (preferred) or plain ``text``.
+
+    Chat rows stay as messages: TRL applies the chat template itself, which
+    adds the end-of-turn token once (rendering to text first and letting TRL
+    append EOS doubles it) and allows ``assistant_only_loss``.
+    """
+    cols = ds.column_names
+    if "messages" in cols:
+        return ds.select_columns(["messages"])
+    if "conversations" in cols:
+        return ds.map(lambda ex: {"messages": sharegpt_to_messages(ex["conversations"])},
+                      remove_columns=cols, desc="ShareGPT -> messages")
+    if "text" in cols:
+        return ds.select_columns(["text"])
+    raise UserInputError(
+        f"dataset {source!r} has columns {cols}; expected 'messages' (chat turns, trl-lib/Capybara format), "
+        "'conversations' (ShareGPT) or 'text' (already formatted)"
+    )
+
+
+def load_chat_splits(
+    dataset: str,
+    tokenizer,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    train_samples: int | None = None,
+    test_samples: int = 0,
+):
+    """Load, subset and format the train (and optional eval) split of a chat dataset.
+
+    Returns ``(train_dataset, val_dataset_or_None)`` with a ``messages`` or ``text`` column.
+    """
+    train = load_records(dataset, train_split)
+    if train_samples is not None:
+        train = train.select(range(min(train_samples, len(train))))
+    if len(train) == 0:
+        raise UserInputError(f"dataset {dataset!r} split {train_split!r} is empty; nothing to train on")
+    train = select_chat_columns(train, dataset)
+    val = None
+    if test_samples:
+        val = load_records(dataset, test_split)
+        val = select_chat_columns(val.select(range(min(test_samples, len(val)))), dataset)
+    return train, val

@@ -41,7 +41,8 @@ import math
 from typing import Iterable, Iterator
 
 from opensloth.data.errors import DatasetFormatError
-from opensloth.data.report import EMPTY, IDENTICAL, SINGLE_CANDIDATE, TIE, DropReport
+from opensloth.data.report import DropReport, EMPTY, IDENTICAL, SINGLE_CANDIDATE, TIE
+from opensloth.data.sources import _slice_dataset, load_records, read_jsonl, split_base
 
 SCHEMA_VERSION = 1
 
@@ -128,7 +129,6 @@ def read_judged_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     Raises:
         DatasetFormatError: malformed JSON or a schema violation, naming ``path:line``.
     """
-    from opensloth.data.sources import read_jsonl
 
     for line, record in read_jsonl(path):
         validate_judged_record(record, path, line)
@@ -165,8 +165,6 @@ def build_judged_dataset(source, split: str = "train", name: str | None = None):
         EmptyDatasetError: no pair survived.
     """
     import datasets
-
-    from opensloth.data.sources import _slice_dataset, load_records, split_base
 
     if isinstance(source, str) and source.endswith(".jsonl"):
         label = name or f"judged {source}"

@@ -1,12 +1,14 @@
-"""Preference pairs: loading any supported format, and fitting them in a length budget.
+"""The one preference-data pipeline: any supported format -> ``prompt``/``chosen``/``rejected`` -> token ids.
 
-Formats (``load_preference_dataset(source, split, fmt=...)``):
+It feeds ``train_dpo.py`` (:func:`load_preference_splits`; TRL tokenizes),
+``precompute_dataset.py`` (:func:`load_preference_dataset` then
+:func:`tokenize_preference_dataset`) and the OaK-DPO loop
+(:func:`pairs_to_dataset` on the judged rollout pairs) alike.
 
-- ``"pairs"``: ``prompt`` / ``chosen`` / ``rejected`` columns, used as they are;
-- ``"hh"``: Anthropic HH transcripts (see :mod:`opensloth.data.hh`);
-- ``"judged"``: judged rollout JSONL (see :mod:`opensloth.data.judged`);
-- ``"auto"``: picked from the columns (``candidates`` -> judged; ``prompt``
-  -> pairs; ``chosen``/``rejected`` only -> hh).
+Formats are specs in the registry :mod:`opensloth.data.formats`: ``judged``
+rollouts, ``pairs`` (prompt/chosen/rejected), ``chat_pairs`` (conversations
+that differ in the last reply), Anthropic ``hh`` transcripts, and ``prepared``
+folders; ``fmt="auto"`` picks one from the columns and the first row.
 
 Length policy (:func:`clamp_preference_record`), applied to token ids:
 
@@ -29,13 +31,19 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from opensloth.data.errors import DatasetFormatError, require_columns
-from opensloth.data.report import BAD_STRUCTURE, EMPTY, IDENTICAL, DropReport
+from opensloth.data.formats import PREFERENCE_FORMATS, detect_preference_format, format_names
+from opensloth.data.report import DropReport
+from opensloth.data.sources import load_records
+from opensloth.errors import UserInputError
+from opensloth.log import log_rank0
 
 __all__ = [
     "ClampResult",
     "clamp_preference_record",
     "detect_preference_format",
     "load_preference_dataset",
+    "load_preference_splits",
+    "pairs_to_dataset",
     "tokenize_preference_dataset",
 ]
 
@@ -112,59 +120,28 @@ def clamp_preference_record(
     return ClampResult(prompt, chosen, rejected, len(prompt) < original_prompt_len, completion_truncated)
 
 
-def detect_preference_format(column_names: Sequence[str]) -> str:
-    """``"judged"``, ``"pairs"`` or ``"hh"`` from the columns.
-
-    Raises:
-        MissingColumnsError: the columns fit none of the formats.
-    """
-    cols = set(column_names)
-    if {"prompt", "candidates"} <= cols:
-        return "judged"
-    if {"prompt", "chosen", "rejected"} <= cols:
-        return "pairs"
-    if {"chosen", "rejected"} <= cols:
-        return "hh"
-    require_columns(column_names, ["prompt", "chosen", "rejected"], "preference data (pairs, hh or judged)")
-    raise AssertionError("unreachable")
+def _as_messages(batch):
+    """String pairs -> one user message and one assistant message each (TRL's conversational form)."""
+    return {
+        "prompt": [[{"role": "user", "content": p}] for p in batch["prompt"]],
+        "chosen": [[{"role": "assistant", "content": c}] for c in batch["chosen"]],
+        "rejected": [[{"role": "assistant", "content": r}] for r in batch["rejected"]],
+    }
 
 
-def _check_pairs(ds, name: str):
-    """Drop pairs with non-string/blank/identical fields (strings or message lists)."""
-    def problem(prompt, chosen, rejected):
-        if isinstance(prompt, str):
-            if not all(isinstance(x, str) for x in (chosen, rejected)):
-                return BAD_STRUCTURE
-            if not prompt.strip() or not chosen.strip() or not rejected.strip():
-                return EMPTY
-        elif not all(isinstance(x, list) for x in (prompt, chosen, rejected)):
-            return BAD_STRUCTURE
-        if chosen == rejected:
-            return IDENTICAL
-        return None
-
-    reasons = [problem(p, c, r) for p, c, r in zip(ds["prompt"], ds["chosen"], ds["rejected"])]
-    report = DropReport(name=name, total_in=len(reasons))
-    keep = []
-    for i, reason in enumerate(reasons):
-        if reason:
-            report.drop(reason, i)
-        else:
-            keep.append(i)
-    if report.total_dropped:
-        ds = ds.select(keep)
-    return ds, report
-
-
-def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_messages: bool = False):
-    """Load preference pairs from any supported format.
+def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_messages: bool = False,
+                            name: str | None = None):
+    """Load preference pairs from any supported format (see :mod:`opensloth.data.formats`).
 
     Args:
         source: file, folder, hub id (see :func:`opensloth.data.sources.load_records`)
             or a ``datasets.Dataset``.
         split: split with optional slicing.
-        fmt: ``"auto"``, ``"pairs"``, ``"hh"`` or ``"judged"``.
-        as_messages: HH only: conversational output.
+        fmt: ``"auto"`` or a format name (``"pairs"``, ``"hh"``, ``"judged"``, ``"chat_pairs"``).
+        as_messages: conversational output: string prompts become one user
+            message and replies one assistant message (HH transcripts are
+            parsed into their turns).
+        name: label of the drop report (default from the source).
 
     Returns:
         ``(dataset, report)`` with ``prompt``, ``chosen``, ``rejected`` columns.
@@ -174,31 +151,75 @@ def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_
     """
     import datasets
 
-    from opensloth.data.hh import build_hh_dataset
-    from opensloth.data.judged import build_judged_dataset
-    from opensloth.data.sources import load_records, read_jsonl
-
-    if fmt not in ("auto", "pairs", "hh", "judged"):
-        raise ValueError(f"fmt={fmt!r} must be one of 'auto', 'pairs', 'hh', 'judged'")
-    name = f"preference {source if isinstance(source, str) else 'dataset'}"
-    if isinstance(source, str) and source.endswith(".jsonl") and fmt in ("auto", "judged"):
-        if fmt == "auto":
-            first = next(read_jsonl(source), (0, {}))[1]
-            fmt = "judged" if "candidates" in first else "auto"
-        if fmt == "judged":
-            return build_judged_dataset(source, split, name=name)
-    ds = source if isinstance(source, datasets.Dataset) else load_records(source, split)
-    if fmt == "auto":
-        fmt = detect_preference_format(ds.column_names)
+    if fmt not in format_names():
+        raise ValueError(f"fmt={fmt!r} must be one of {format_names()}")
+    name = name or f"preference {source if isinstance(source, str) else 'dataset'}"
     where = source if isinstance(source, str) else None
-    if fmt == "judged":
-        return build_judged_dataset(ds, split, name=name)
-    if fmt == "hh":
-        return build_hh_dataset(ds, as_messages=as_messages, name=name, source=where)
-    require_columns(ds.column_names, ["prompt", "chosen", "rejected"], "preference pairs", where)
-    ds, report = _check_pairs(ds, name)
+    spec = None
+    if isinstance(source, str):
+        for candidate in sorted(PREFERENCE_FORMATS.values(), key=lambda f: f.priority):
+            if fmt in ("auto", candidate.name) and candidate.claims_path and candidate.claims_path(source):
+                spec = candidate
+                break
+    if spec is not None:
+        ds, report = spec.load_path(source, name=name, split=split, as_messages=as_messages)
+    else:
+        ds = source if isinstance(source, datasets.Dataset) else load_records(source, split)
+        if fmt == "auto":
+            first = ds[0] if len(ds) else {}
+            fmt = detect_preference_format(ds.column_names, first)
+        spec = PREFERENCE_FORMATS[fmt]
+        if spec.convert is None:
+            raise DatasetFormatError(f"{where or 'the dataset'} is not a {fmt!r} source ({spec.summary})")
+        ds, report = spec.convert(ds, name=name, source=where, split=split, as_messages=as_messages)
     report.raise_if_empty()
+    if as_messages and len(ds) and isinstance(ds[0]["prompt"], str):
+        ds = ds.map(_as_messages, batched=True, desc="pairs -> messages")
     return ds, report
+
+
+def load_preference_splits(source: str, *, train_split: str = "train", test_split: str = "test",
+                           train_samples: int | None = None, test_samples: int = 0, fmt: str = "auto",
+                           as_messages: bool = False):
+    """``(train, eval_or_None)`` pairs for ``DPOTrainer`` from any supported format; the reports are logged.
+
+    ``train_samples`` / ``test_samples`` keep the first N pairs; no eval split
+    is read when ``test_samples`` is 0.
+
+    Raises:
+        UserInputError (DatasetSourceError, DatasetFormatError, MissingColumnsError,
+        EmptyDatasetError): the message names the source, the split and the fix.
+    """
+    def load(split, limit, label):
+        try:
+            ds, report = load_preference_dataset(source, split, fmt=fmt, as_messages=as_messages,
+                                                 name=f"preference {label} {source}")
+        except UserInputError:
+            raise
+        except ValueError as exc:  # EmptyDatasetError
+            raise UserInputError(f"dataset {source!r} split {split!r}: {exc}") from None
+        log_rank0(report.summary())
+        return ds if limit is None else ds.select(range(min(limit, len(ds))))
+
+    train = load(train_split, train_samples, "train")
+    val = load(test_split, test_samples, "test") if test_samples else None
+    return train, val
+
+
+def pairs_to_dataset(pairs: list[dict], *, as_messages: bool):
+    """Best-vs-worst rollout pairs (dicts) -> the ``prompt``/``chosen``/``rejected`` dataset TRL trains on.
+
+    Goes through :func:`load_preference_dataset` (format ``pairs``), like
+    ``train_dpo.py``'s data. With ``as_messages`` the prompt becomes one user
+    message and each reply one assistant message, so TRL applies the chat
+    template exactly as the rollout did; otherwise the strings pass through.
+    """
+    import datasets
+
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    ds, _ = load_preference_dataset(datasets.Dataset.from_list(rows), fmt="pairs", as_messages=as_messages,
+                                    name="rollout pairs")
+    return ds
 
 
 def _tokenize_prompt(tokenizer, prompt, use_chat_template: bool) -> list[int]:

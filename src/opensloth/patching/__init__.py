@@ -1,8 +1,5 @@
-"""Monkey patches of transformers / TRL / Unsloth, each listed by :func:`applied_patches`.
+"""Moved to :mod:`opensloth.patches`; this path keeps old imports working."""
 
-Import the individual patch modules explicitly; this package imports nothing heavy.
-"""
-
-from opensloth.patching.registry import PatchRecord, PatchTargetError, applied_patches
+from opensloth.patches import PatchRecord, PatchTargetError, applied_patches
 
 __all__ = ["PatchRecord", "PatchTargetError", "applied_patches"]

@@ -1,6 +1,6 @@
 """Rollouts: k sampled candidates per prompt on 1 or N ranks, judged, written as JSONL.
 
-``python -m opensloth.rollout`` is the command line (see :mod:`opensloth.rollout.__main__`).
+``train_scripts/rollout.py`` (or ``python -m opensloth.rollout``) is the command line.
 ``import opensloth.rollout`` is cheap: torch and transformers are imported by
 the functions that generate or score.
 

@@ -5,7 +5,7 @@ list of numbers`` (higher is better), called once per prompt with the
 completions of that prompt (prompt prefix already stripped). Shipped:
 
 - :class:`VerifierJudge` -- 1.0 when the final answer (``Answer: ...``) is
-  right, else 0.0, for the tasks of :mod:`opensloth.data.synthetic`
+  right, else 0.0, for the tasks of :mod:`opensloth.tasks`
   (arithmetic, string and list tasks, the ProntoQA-style true/false task). The
   correct answer is recomputed from the prompt text.
 - :class:`RewardModelJudge` -- any ``AutoModelForSequenceClassification``
@@ -26,8 +26,10 @@ import math
 import numbers
 from typing import Callable, Protocol
 
+from opensloth.data.judged import validate_judged_record
 from opensloth.errors import UserInputError
 from opensloth.rollout.traces import strip_prompt_prefix
+from opensloth.tasks import TASK_KINDS, check_answer, solve
 
 PROMPT_MISMATCH = "prompt_mismatch"
 
@@ -46,21 +48,17 @@ class VerifierJudge:
     """Exact-answer verifier for the synthetic tasks.
 
     Args:
-        kind: a task kind of :data:`opensloth.data.synthetic.TASK_KINDS`, or
+        kind: a task kind of :data:`opensloth.tasks.TASK_KINDS`, or
             ``None`` to detect the kind of every prompt from its text.
     """
 
     def __init__(self, kind: str | None = None):
-        from opensloth.data.synthetic import TASK_KINDS
-
         if kind is not None and kind not in TASK_KINDS:
             raise UserInputError(f"verifier task kind {kind!r} is not one of {TASK_KINDS}")
         self.kind = kind
         self.name = f"verifier:{kind or 'auto'}"
 
     def score(self, prompt: str, completions: list[str]) -> list[float]:
-        from opensloth.data.synthetic import check_answer, solve
-
         try:
             solve(self.kind, prompt)
         except ValueError as exc:
@@ -206,7 +204,6 @@ def judge_traces(records: list[dict], judge: Judge) -> tuple[list[dict], dict]:
     Raises:
         JudgeError: the judge returned unusable scores.
     """
-    from opensloth.data.judged import validate_judged_record
 
     judged, mismatched, scored, total = [], 0, [], 0
     for record in records:

@@ -1,7 +1,7 @@
 """Load the policy that generates: a model folder, optionally with a LoRA adapter on top.
 
 The policy is built the way the trainers build it
-(:func:`opensloth.training.load_model_and_tokenizer`: base weights plus a
+(:func:`opensloth.launch.load_model_and_tokenizer`: base weights plus a
 fresh LoRA adapter with the project's LoRA settings) and then, when an
 adapter checkpoint is given, the adapter's weights are loaded into that fresh
 adapter. So the object that generates is the object DPO then trains, on the
@@ -14,6 +14,7 @@ import json
 import os
 
 from opensloth.errors import UserInputError
+from opensloth.launch import LoraSettings, load_model_and_tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -94,11 +95,10 @@ def load_policy(model_path: str, *, adapter: str | None, backend: str, device, s
     """The trainable policy: ``model_path`` + LoRA, with ``adapter``'s weights when given.
 
     Args:
-        lora: :class:`opensloth.training.LoraSettings` (default: the project's q/k/v/o, r=8, alpha=16).
+        lora: :class:`opensloth.launch.LoraSettings` (default: the project's q/k/v/o, r=8, alpha=16).
 
     Returns ``(model, tokenizer)``.
     """
-    from opensloth.training import LoraSettings, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
         model_path, backend=backend, max_seq_length=max_seq_length, device=device, seed=seed, dtype=dtype,

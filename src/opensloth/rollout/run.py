@@ -23,11 +23,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from opensloth.atomic import write_json_atomic, write_jsonl_atomic
+from opensloth.data.judged import pairs_from_records
+from opensloth.distributed import barrier, gather_checked
 from opensloth.errors import UserInputError
 from opensloth.log import log_rank0
+from opensloth.rollout.generate import generate_candidates
+from opensloth.rollout.judges import judge_traces
 from opensloth.rollout.seeding import merge_shards, shard_indices
 from opensloth.rollout.settings import RolloutSettings
-from opensloth.rollout.traces import write_json_atomic, write_jsonl_atomic
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 JUDGED_FILE = "judged.jsonl"
@@ -45,27 +49,11 @@ class RolloutResult:
     manifest: dict
 
 
-def gather_checked(payload, error: str | None) -> list:
-    """All-gather ``payload`` from every rank; if any rank reports ``error``, raise it on every rank.
-
-    Raises:
-        UserInputError: the first error of any rank (prefixed with that rank).
-    """
-    from opensloth.utils.distributed import all_gather_object_list
-
-    gathered = all_gather_object_list({"payload": payload, "error": error})
-    errors = [g["error"] for g in gathered if g["error"]]
-    if errors:
-        raise UserInputError(errors[0])
-    return [g["payload"] for g in gathered]
-
-
 def build_pairs(judged: list[dict]):
     """Best-vs-worst pairs of judged records, with the counted skips (ties, single candidates, ...).
 
     Returns ``(pairs, report)`` where ``report`` is an :class:`opensloth.data.report.DropReport`.
     """
-    from opensloth.data.judged import pairs_from_records
 
     return pairs_from_records(enumerate(judged), "judged rollouts")
 
@@ -89,16 +77,13 @@ def run_rollout(model, tokenizer, prompts: list[dict], settings: RolloutSettings
         settings: sampling settings.
         iteration: enters the seeds and the manifest.
         out_dir: folder of this iteration's files (e.g. ``rollout_output/iter_1``).
-        env: the :class:`opensloth.utils.dataset_cache.DistEnv` of this process.
+        env: the :class:`opensloth.distributed.DistEnv` of this process.
         judge: a judge (see :mod:`opensloth.rollout.judges`) or ``None`` for traces only.
         model_info: recorded in the manifest (path, adapter, backend, dtype).
 
     Raises:
         UserInputError: no prompts, or a judge error on any rank (raised on every rank).
     """
-    from opensloth.rollout.generate import generate_candidates
-    from opensloth.rollout.judges import judge_traces
-    from opensloth.utils.distributed import barrier
 
     if not prompts:
         raise UserInputError("empty rollout: there are no prompts to generate for")

@@ -2,36 +2,33 @@
 
 The same YAML file drives ``train_scripts/run_oak_dpo.py``: DPO keys at the
 top level and under ``dynamic_beta:`` (see :mod:`opensloth.dpo.run`), rollout
-keys under ``rollout:``. ``python -m opensloth.rollout`` reads only the
-``rollout:`` section.
+keys under ``rollout:``. ``train_scripts/rollout.py`` reads only the
+``rollout:`` section (see :data:`SECTIONS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
+from opensloth.config import Section, setting
 from opensloth.errors import UserInputError
 
 ROLLOUT_SECTION = "rollout"
-
-
-def _f(default, help_text, **extra):
-    return field(default=default, metadata={"help": help_text, **extra})
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
     """How candidates are sampled."""
 
-    samples: int = _f(4, "candidates generated per prompt (k)")
-    temperature: float = _f(1.0, "sampling temperature; 0 means greedy decoding (then samples must be 1)")
-    top_p: float = _f(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability (1: off)")
-    top_k: int = _f(0, "keep only the k most likely tokens (0: off)")
-    max_new_tokens: int = _f(64, "tokens generated per candidate at most")
-    batch_size: int = _f(32, "sequences (prompt x sample) per generate call on each rank")
-    seed: int = _f(1234, "global seed; each candidate's seed is derived from it, the iteration and the prompt index")
+    samples: int = setting(4, "candidates generated per prompt (k)")
+    temperature: float = setting(1.0, "sampling temperature; 0 means greedy decoding (then samples must be 1)")
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability (1: off)")
+    top_k: int = setting(0, "keep only the k most likely tokens (0: off)")
+    max_new_tokens: int = setting(64, "tokens generated per candidate at most")
+    batch_size: int = setting(32, "sequences (prompt x sample) per generate call on each rank")
+    seed: int = setting(1234, "global seed; each candidate's seed is derived from it, the iteration and the prompt index")
 
     def __post_init__(self):
         if self.samples < 1:
@@ -56,16 +53,9 @@ class RolloutSettings:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @classmethod
-    def from_mapping(cls, values: dict, where: str = "rollout settings") -> "RolloutSettings":
-        """Build from a mapping; unknown keys are a UserInputError listing the known ones."""
-        if not isinstance(values, dict):
-            raise UserInputError(f"{where} must be a mapping of settings, got {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserInputError(f"unknown keys {unknown} in {where}; known: {sorted(known)}")
-        return cls(**values)
-
     def replace(self, **changes) -> "RolloutSettings":
         return dataclasses.replace(self, **changes)
+
+
+# ``rollout:`` of a YAML file; its flags have no prefix (--samples, --temperature, ...).
+SECTIONS = (Section(ROLLOUT_SECTION, RolloutSettings, flag_prefix=""),)

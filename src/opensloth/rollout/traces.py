@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+
+from opensloth.data.sources import load_records
 from opensloth.errors import UserInputError
-from opensloth.utils.atomic import write_json_atomic, write_jsonl_atomic, write_text_atomic  # noqa: F401 (re-exported)
 
 
 def strip_prompt_prefix(trace: str, prompt_text: str) -> str:
@@ -75,7 +76,6 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
         UserInputError: the source is missing or unreadable, a row has no
             prompt, or no prompt is left (an empty rollout).
     """
-    from opensloth.data import load_records
 
     if limit is not None and limit < 1:
         raise UserInputError(f"--limit {limit} must be >= 1")
@@ -97,11 +97,6 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
     if not prompts:
         raise UserInputError(f"empty rollout: {source!r} split {split!r} has no prompts")
     return prompts
-
-
-# --------------------------------------------------------------------------- files
-
-
 
 
 def read_json(path: str):

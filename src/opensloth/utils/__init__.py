@@ -1,17 +1,10 @@
-"""Utilities: packing, dataset caching, distributed environment checks.
+"""Old home of packing, the dataset cache and the distributed helpers; the names stay importable from here.
 
-``cache_dataset_wrapper`` and ``simple_cache_dataset_wrapper`` are exported
-lazily so that ``import opensloth.utils`` stays cheap.
+``opensloth.utils.simple_cache_dataset_wrapper`` and ``cache_dataset_wrapper``
+are :mod:`opensloth.cache`'s; see :mod:`opensloth.utils.packing` and
+:mod:`opensloth.utils.dataset_cache` for the other moved names.
 """
 
-from __future__ import annotations
+from opensloth.cache import cache_dataset_wrapper, simple_cache_dataset_wrapper
 
 __all__ = ["cache_dataset_wrapper", "simple_cache_dataset_wrapper"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from opensloth.utils import dataset_cache
-
-        return getattr(dataset_cache, name)
-    raise AttributeError(f"module 'opensloth.utils' has no attribute {name!r}")

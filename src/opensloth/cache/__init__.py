@@ -1,0 +1,37 @@
+"""Tokenize once, on one rank, for all ranks and later launches.
+
+- :mod:`~opensloth.cache.key` -- fingerprints of data and tokenizers, the cache key.
+- :mod:`~opensloth.cache.store` -- a tokenized dataset on disk: atomic publish, inspect, load
+  (also what ``train_scripts/precompute_dataset.py`` writes).
+- :mod:`~opensloth.cache.coordination` -- who builds, how the other ranks wait, a dead builder.
+- :mod:`~opensloth.cache.wrapper` -- ``cache_dataset_wrapper`` / ``simple_cache_dataset_wrapper``
+  around a trainer factory (the protocol is described there).
+
+``import opensloth.cache`` is cheap: ``datasets`` is imported by the functions that need it.
+"""
+
+from opensloth.cache.coordination import (
+    CacheBuildFailedError,
+    CacheBuilderDiedError,
+    CacheWaitTimeout,
+    DatasetCacheConfig,
+    DatasetCacheError,
+    DatasetCacheMismatchError,
+)
+from opensloth.cache.store import PreparedDatasetError, PreparedDatasetMismatchError, load_prepared_dataset
+from opensloth.cache.wrapper import cache_dataset_wrapper, sft_dataset_kwargs, simple_cache_dataset_wrapper
+
+__all__ = [
+    "CacheBuildFailedError",
+    "CacheBuilderDiedError",
+    "CacheWaitTimeout",
+    "DatasetCacheConfig",
+    "DatasetCacheError",
+    "DatasetCacheMismatchError",
+    "PreparedDatasetError",
+    "PreparedDatasetMismatchError",
+    "cache_dataset_wrapper",
+    "load_prepared_dataset",
+    "sft_dataset_kwargs",
+    "simple_cache_dataset_wrapper",
+]

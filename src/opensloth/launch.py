@@ -1,0 +1,387 @@
+"""Launch glue shared by every training entry point: setup, model loading, run dir, train and save.
+
+The scripts under ``train_scripts/`` read top to bottom and call these
+helpers, in this order::
+
+    launch = setup_run(settings)                     # checks, Unsloth first, ddp_patch(), run dir
+    model, tokenizer = load_model_and_tokenizer(...) # base model + LoRA, same seed on every rank
+    config = SFTConfig(**training_args_kwargs(...), ...)   # or DPOConfig: one builder for both
+    train_and_save(trainer, model, tokenizer, launch.run_dir)
+
+Nothing runs at import time and nothing heavy is imported until a function
+needs it (Unsloth must be imported before transformers and TRL).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from opensloth.config import setting
+from opensloth.distributed import DistEnv, barrier, distributed_env
+from opensloth.errors import UserInputError
+from opensloth.log import log_rank0
+from opensloth.patches.ddp import ddp_patch
+
+DEFAULT_MODEL = "data/tiny-qwen3"
+DEFAULT_SFT_DATASET = "data/sft"
+DEFAULT_PREFERENCE_DATASET = "data/preference"
+BACKENDS = ("auto", "unsloth", "hf")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA defaults of the original OpenSloth guide: q/k/v/o, r=8, alpha=16."""
+
+    r: int = setting(8, "LoRA rank")
+    alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = setting(0.0, "dropout on the LoRA input")
+    target_modules: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                              "modules the adapter wraps")
+
+    def __post_init__(self):
+        for name in ("r", "alpha"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"lora.{name}={getattr(self, name)} must be an integer >= 1")
+        if not self.target_modules:
+            raise UserInputError("lora.target_modules must be a non-empty list of module names")
+
+
+def resolve_backend(name: str) -> str:
+    """Map ``auto|unsloth|hf`` to the backend that will run.
+
+    ``auto`` picks Unsloth when it is installed. Asking for ``unsloth`` when it
+    is not installed is a user error.
+    """
+    if name not in BACKENDS:
+        raise UserInputError(f"--backend {name!r} is not one of {BACKENDS}")
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if name == "auto":
+        return "unsloth" if has_unsloth else "hf"
+    if name == "unsloth" and not has_unsloth:
+        raise UserInputError(
+            "--backend unsloth but the unsloth package is not installed; run scripts/setup_env.sh "
+            "(installs it without CUDA extras) or use --backend hf"
+        )
+    return name
+
+
+def import_backend(backend: str) -> None:
+    """Import Unsloth first when it is the backend, so it can patch transformers/TRL."""
+    if backend == "unsloth":
+        import unsloth  # noqa: F401
+
+
+def resolve_per_device_batch(
+    per_device_batch_size: int | None, global_batch_size: int | None, grad_accum: int, world_size: int
+) -> int:
+    """Per-device batch size from the flags; ``global = per_device * grad_accum * world_size``."""
+    if grad_accum < 1:
+        raise UserInputError(f"--grad_accum {grad_accum} must be >= 1")
+    if global_batch_size is not None:
+        if global_batch_size < 1:
+            raise UserInputError(f"--global_batch_size {global_batch_size} must be >= 1")
+        denom = grad_accum * world_size
+        if global_batch_size % denom:
+            raise UserInputError(
+                f"--global_batch_size {global_batch_size} is not divisible by grad_accum x world_size = "
+                f"{grad_accum} x {world_size}; pick a multiple of {denom}"
+            )
+        derived = global_batch_size // denom
+        if per_device_batch_size is not None and per_device_batch_size != derived:
+            raise UserInputError(
+                f"--per_device_batch_size {per_device_batch_size} contradicts --global_batch_size "
+                f"{global_batch_size} (which gives {derived} on {world_size} rank(s)); pass only one"
+            )
+        return derived
+    if per_device_batch_size is None:
+        return 8
+    if per_device_batch_size < 1:
+        raise UserInputError(
+            f"--per_device_batch_size {per_device_batch_size} must be >= 1 (or pass --global_batch_size)"
+        )
+    return per_device_batch_size
+
+
+def run_dir_for(output_dir: str, experiment_name: str, world_size: int) -> str:
+    """``<output_dir>/<experiment_name>_ws<world_size>``: runs on different world sizes never collide."""
+    return os.path.join(output_dir, f"{experiment_name}_ws{world_size}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def check_model_source(model_name: str) -> str:
+    """Validate ``--model_name``: an existing local folder, or a hub id.
+
+    Returns ``"local"`` or ``"hub"``; raises UserInputError for a missing local path.
+    """
+    if os.path.isdir(model_name):
+        if not os.path.exists(os.path.join(model_name, "config.json")):
+            raise UserInputError(
+                f"--model_name {model_name!r} is a folder without config.json; pass a folder written by "
+                "save_pretrained (e.g. data/tiny-qwen3) or a hub id"
+            )
+        return "local"
+    if _looks_like_path(model_name) or os.path.isfile(model_name):
+        raise UserInputError(
+            f"--model_name {model_name!r} does not exist; pass a local model folder (e.g. data/tiny-qwen3) "
+            "or a hub id like Qwen/Qwen3-0.6B"
+        )
+    return "hub"
+
+
+def torch_dtype(name: str, backend: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserInputError(f"--dtype {name!r} is not one of {DTYPES}")
+    if name == "auto":
+        return None if backend == "unsloth" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(
+    model_name: str,
+    *,
+    backend: str,
+    max_seq_length: int,
+    device,
+    seed: int,
+    dtype: str = "auto",
+    lora: LoraSettings = LoraSettings(),
+    gradient_checkpointing: bool = True,
+    load_in_4bit: bool = False,
+):
+    """Load a causal LM and its tokenizer and wrap the model with LoRA adapters.
+
+    Unsloth: ``FastLanguageModel.from_pretrained(..., device_map={"": device})``
+    then ``get_peft_model(..., use_gradient_checkpointing="unsloth")``.
+    hf: ``AutoModelForCausalLM`` + ``peft.get_peft_model``; gradient
+    checkpointing is left to the trainer config (``gradient_checkpointing``).
+
+    The seed is set right before the adapters are created, so the LoRA
+    initialisation is identical on every rank and every world size.
+    """
+    from transformers import set_seed
+
+    check_model_source(model_name)
+    torch_dt = torch_dtype(dtype, backend)
+    device_str = str(device)
+    try:
+        if backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=model_name,
+                max_seq_length=max_seq_length,
+                dtype=torch_dt,
+                load_in_4bit=load_in_4bit,
+                device_map={"": device_str},
+            )
+            set_seed(seed)
+            model = FastLanguageModel.get_peft_model(
+                model,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                bias="none",
+                use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+                random_state=seed,
+            )
+        else:
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_name)
+            quant = {}
+            if load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                quant["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True)
+            model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dt, **quant)
+            if not load_in_4bit:
+                model = model.to(device)
+            set_seed(seed)
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"could not load --model_name {model_name!r}: {first}. Without network access only local "
+            "folders and models already in the Hugging Face cache load; pass a local folder such as "
+            "data/tiny-qwen3"
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log_rank0(
+        f"loaded {model_name} with backend={backend} dtype={next(model.parameters()).dtype} "
+        f"trainable={sum(p.numel() for p in model.parameters() if p.requires_grad):,} params"
+    )
+    return model, tokenizer
+
+
+def model_dtype_name(model) -> str:
+    """``"float32"``, ``"bfloat16"``, ...: the dtype the model's weights were loaded in."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the setup of a training process decided.
+
+    Attributes:
+        env: the validated torchrun environment.
+        backend: ``"unsloth"`` or ``"hf"`` (``auto`` resolved).
+        device: this rank's ``torch.device`` (from :func:`ddp_patch`).
+        run_dir: ``<output_dir>/<experiment_name>_ws<world_size>`` (training runs only).
+        per_device: samples (or pairs) per micro-batch per rank (training runs only).
+    """
+
+    env: DistEnv
+    backend: str
+    device: Any
+    run_dir: str | None = None
+    per_device: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+
+def setup_backend(backend: str = "auto") -> Launch:
+    """Resolve the backend, import Unsloth first when it is the backend, then :func:`ddp_patch`.
+
+    Call before anything imports transformers or TRL. Raises UserInputError
+    (bad torchrun variables, ``--backend unsloth`` without Unsloth) before any
+    heavy import.
+    """
+    env = distributed_env()
+    backend = resolve_backend(backend)
+    import_backend(backend)
+    device = ddp_patch()
+    return Launch(env=env, backend=backend, device=device)
+
+
+def setup_run(settings, unit: str = "samples") -> Launch:
+    """:func:`setup_backend` for a training run, after the cheap checks of its settings.
+
+    ``settings`` has ``model_name``, ``backend``, ``per_device_batch_size``,
+    ``global_batch_size``, ``grad_accum``, ``output_dir`` and
+    ``experiment_name`` (:class:`opensloth.sft.SFTSettings`,
+    :class:`opensloth.dpo.DPORunSettings`). The model path and the batch
+    arithmetic are checked first, so a run that cannot start fails in a
+    second, before Unsloth and torch are imported.
+    """
+    env = distributed_env()
+    check_model_source(settings.model_name)
+    resolve_backend(settings.backend)
+    per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
+                                          settings.grad_accum, env.world_size)
+    launch = setup_backend(settings.backend)
+    run_dir = run_dir_for(settings.output_dir, settings.experiment_name, env.world_size)
+    log_rank0(
+        f"effective global batch = {per_device} {unit} per device x {settings.grad_accum} accum x "
+        f"{env.world_size} rank(s) = {per_device * settings.grad_accum * env.world_size}; run dir {run_dir}"
+    )
+    return Launch(env=env, backend=launch.backend, device=launch.device, run_dir=run_dir, per_device=per_device)
+
+
+# --------------------------------------------------------------------------- trainer arguments, train, save
+
+
+def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size: int, backend: str, dtype: str,
+                         has_eval: bool, warmup_steps: int) -> dict:
+    """The ``TrainingArguments`` keywords SFT and DPO share: fixed seeds, TensorBoard, linear decay.
+
+    ``settings`` has ``eval_batch_size``, ``grad_accum``, ``learning_rate``,
+    ``num_epochs``, ``max_steps``, ``logging_steps``, ``eval_steps``,
+    ``save_steps``, ``seed`` and ``no_gradient_checkpointing``. ``SFTConfig``
+    and ``DPOConfig`` add their own keys to the result.
+    """
+    return dict(
+        output_dir=run_dir,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=settings.eval_batch_size or per_device,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup_steps,
+        num_train_epochs=settings.num_epochs,
+        max_steps=settings.max_steps,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(settings.eval_steps or settings.logging_steps * 5) if has_eval else None,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        # Unsloth applies its own checkpointing in get_peft_model.
+        gradient_checkpointing=not settings.no_gradient_checkpointing and backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=["tensorboard"],
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+    )
+
+
+def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_checkpoint=None,
+                   save_extra: Callable[[str], Any] | None = None) -> float:
+    """Train, save the trainer state, and on rank 0 the adapter, the tokenizer and any side files.
+
+    Args:
+        trainer: a built trainer.
+        model, tokenizer: what ``save_pretrained`` writes to ``run_dir``
+            (the PEFT model: only the adapter is saved).
+        resume_from_checkpoint: a checkpoint folder, ``"last"`` (the newest in
+            the run dir) or None.
+        save_extra: called with ``run_dir`` on rank 0 after the adapter is
+            saved (e.g. the dynamic-beta controller state).
+
+    Returns:
+        The seconds ``trainer.train`` took.
+    """
+    resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.perf_counter() - start
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(run_dir)
+        tokenizer.save_pretrained(run_dir)
+        if save_extra is not None:
+            save_extra(run_dir)
+    barrier()  # no rank moves on (merges, evaluates, exits) before rank 0 has written the adapter
+    return elapsed
+
+
+def read_log_history(run_dir: str) -> list[dict]:
+    """The ``log_history`` of ``<run_dir>/trainer_state.json`` (per-step losses)."""
+    with open(os.path.join(run_dir, "trainer_state.json")) as fh:
+        return json.load(fh)["log_history"]
+
+
+def step_losses(run_dir: str, key: str = "loss") -> dict[int, float]:
+    """``{step: value}`` for training ``loss`` (or ``eval_loss``) from a run directory."""
+    return {rec["step"]: rec[key] for rec in read_log_history(run_dir) if key in rec}

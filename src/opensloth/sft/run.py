@@ -1,0 +1,148 @@
+"""SFT glue: run settings (flags + YAML), chat splits, the SFTConfig and the trainer factory.
+
+``train_scripts/train_configurable.py`` reads top to bottom and calls these
+helpers. :class:`SFTSettings` is the one place the SFT flags are defined:
+``--config run.yaml`` maps a YAML file onto it and flags override the YAML
+(:mod:`opensloth.config`), exactly as for DPO. ``build_sft_trainer`` has the
+factory signature the dataset cache wrapper expects:
+``(model, tokenizer, train_dataset, val_dataset, world_size, settings, ...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opensloth.cache import sft_dataset_kwargs
+from opensloth.config import Section, resolve, setting
+from opensloth.errors import UserInputError
+from opensloth.launch import (BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, check_model_source,
+                              model_dtype_name, training_args_kwargs)
+from opensloth.log import log_rank0
+from opensloth.patches.batch_samples import PATCH_NAME as BATCH_PATCH
+from opensloth.patches.unsloth_compat import check_trainer_patched
+
+PACKING_LAYOUTS = ("auto", "varlen", "rows4d", "padded")
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Everything an SFT run needs: the flags of ``train_configurable.py`` and the keys of its YAML."""
+
+    model_name: str = setting(DEFAULT_MODEL, "local model folder or hub id")
+    dataset: str = setting(DEFAULT_SFT_DATASET, "chat data: folder with train.jsonl/test.jsonl, a JSON/JSONL/Parquet "
+                                                "file, or a hub id")
+    train_split: str = setting("train", "split of --dataset to train on; slicing like train[:1%] works")
+    test_split: str = setting("test", "split for evaluation (skipped when --test_samples 0)")
+    max_seq_length: int = setting(1024, "truncate samples to this many tokens")
+    num_epochs: float = setting(1.0, "epochs (ignored when --max_steps > 0)")
+    max_steps: int = setting(-1, "optimizer steps; -1 means use --num_epochs")
+    train_samples: int | None = setting(None, "use the first N training records")
+    test_samples: int = setting(0, "evaluate on the first N test records (0: no eval)")
+    eval_steps: int | None = setting(None, "evaluate every N steps (default: --logging_steps x 5)")
+    eval_batch_size: int | None = setting(None, "per-device eval batch (default: the train one); 1 makes eval_loss "
+                                                "independent of the world size, since Trainer averages per-batch means")
+    learning_rate: float = setting(2e-4, "peak learning rate (linear decay)")
+    warmup_steps: int = setting(0, "linear warmup steps")
+    per_device_batch_size: int | None = setting(None, "micro-batch per rank (default 8)")
+    global_batch_size: int | None = setting(None, "derive the per-device size as global / (world_size x grad_accum)")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    logging_steps: int = setting(1, "log the loss every N steps")
+    save_steps: int = setting(0, "save a checkpoint every N steps (0: only at the end)")
+    seed: int = setting(3407, "seed for LoRA init and data order (same on all ranks)")
+    no_patches: bool = setting(False, "disable the optional speed patches (batch repacking / cross-rank balancing)")
+    packing_layout: str = setting("auto", "micro-batch layout of the batch patch: padding-free varlen rows, packed "
+                                          "rows with a 4D block mask, or padded rows (auto picks for the attention "
+                                          "backend)", choices=PACKING_LAYOUTS)
+    debug_dataloader: bool = setting(False, "write an HTML preview of the first batches (trained/masked tokens, "
+                                            "boundaries) to .log/")
+    experiment_name: str = setting("sft", "run name; the run dir is <output_dir>/<name>_ws<N>")
+    output_dir: str = setting("outputs", "parent folder of run directories")
+    backend: str = setting("auto", "unsloth (FastLanguageModel), hf (transformers + PEFT), or auto (unsloth if "
+                                   "installed)", choices=BACKENDS)
+    dtype: str = setting("auto", "weights dtype; auto = Unsloth's choice (bf16 on CPU) or float32 for hf",
+                         choices=DTYPES)
+    load_in_4bit: bool = setting(False, "4-bit base weights (needs bitsandbytes and CUDA)")
+    assistant_only_loss: bool = setting(False, "train only on assistant turns (needs {% generation %} markers in "
+                                               "the chat template)")
+    no_gradient_checkpointing: bool = setting(False, "turn gradient checkpointing off")
+    skip_prepare: bool = setting(False, "train from a tokenized dataset written by precompute_dataset.py")
+    prepared_dataset_path: str | None = setting(None, "folder with train/ (and val/) from precompute_dataset.py; "
+                                                      "needs --skip_prepare")
+    cache_dir: str = setting("data/cache", "tokenized-dataset cache shared by all ranks and later launches "
+                                           "('' disables it)")
+
+    def __post_init__(self):
+        if self.max_seq_length < 8:
+            raise UserInputError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8")
+        if self.skip_prepare and not self.prepared_dataset_path:
+            raise UserInputError("--skip_prepare needs --prepared_dataset_path data/precomputed/<name>")
+        if self.prepared_dataset_path and not self.skip_prepare:
+            raise UserInputError("--prepared_dataset_path is only read with --skip_prepare; add --skip_prepare")
+        for name in ("train_samples", "test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserInputError(f"--{name} {value} must be >= 0")
+        if self.logging_steps < 1:
+            raise UserInputError(f"--logging_steps {self.logging_steps} must be >= 1")
+
+
+SECTIONS = (Section(None, SFTSettings),)
+
+
+def resolve_settings(args) -> SFTSettings:
+    """Defaults < YAML (``args.config``) < the flags given on the command line; the model path is checked."""
+    (settings,) = resolve(args, SECTIONS)
+    check_model_source(settings.model_name)
+    return settings
+
+
+def make_sft_config(settings: SFTSettings, *, run_dir: str, per_device: int, world_size: int, backend: str,
+                    dtype: str, has_eval: bool, dataset_kwargs: dict | None = None):
+    """An ``SFTConfig`` for a run: the shared training arguments plus TRL's SFT data options.
+
+    ``dataset_kwargs={"skip_prepare_dataset": True}`` when the data is already
+    tokenized (dataset cache or ``precompute_dataset.py``).
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **training_args_kwargs(settings, run_dir=run_dir, per_device=per_device, world_size=world_size,
+                               backend=backend, dtype=dtype, has_eval=has_eval, warmup_steps=settings.warmup_steps),
+        max_length=settings.max_seq_length,
+        dataset_text_field="text",
+        dataset_kwargs=dataset_kwargs,
+        assistant_only_loss=settings.assistant_only_loss,
+        packing=False,
+        # Explicit, never None: Unsloth's SFTTrainer (GPU path, unsloth/trainer.py) auto-enables
+        # padding-free when `padding_free` is None and it tokenizes raw data itself (clearing
+        # `max_length` as TRL demands), but turns it off when handed tokenized rows ("dataset is
+        # already tokenized"). The dataset cache's builder and readers would then disagree (seen on an
+        # H200, docs/benchmarks.md), and 1 rank would not train like N. An explicit False stops the
+        # auto choice (`_should_auto_padding_free` needs None); opensloth's batch patch does the packing.
+        padding_free=False,
+        dataset_num_proc=None,
+    )
+
+
+def build_sft_trainer(model, tokenizer, train_dataset, val_dataset, world_size: int, settings: SFTSettings, *,
+                      run_dir: str, per_device: int, backend: str):
+    """Create the SFTTrainer in use (Unsloth's when Unsloth is imported, else stock TRL).
+
+    Tokenized data (``input_ids``: the cache or a precomputed folder) is
+    handed to TRL with ``skip_prepare_dataset``.
+    """
+    import trl
+
+    config = make_sft_config(settings, run_dir=run_dir, per_device=per_device, world_size=world_size,
+                             backend=backend, dtype=model_dtype_name(model), has_eval=val_dataset is not None,
+                             dataset_kwargs=sft_dataset_kwargs(train_dataset))
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=val_dataset,
+        processing_class=tokenizer,
+    )
+    log_rank0(f"SFTTrainer class in use: {type(trainer).__module__}.{type(trainer).__qualname__}")
+    check_trainer_patched(trainer, "get_batch_samples", BATCH_PATCH)  # the class Unsloth rebound, not a stale one
+    return trainer

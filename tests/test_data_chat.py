@@ -1,0 +1,134 @@
+"""opensloth.data.chat on the shipped chat data: text and token modes, masks, truncation, drops."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import REPO
+
+ROOT = str(REPO)
+TOKENIZER_DIR = os.path.join(ROOT, "data", "tiny-qwen3")
+SFT_DIR = os.path.join(ROOT, "data", "sft")
+PREF_TRAIN = os.path.join(ROOT, "data", "preference", "train.jsonl")
+HH_SAMPLE = os.path.join(ROOT, "data", "formats", "hh_sample.jsonl")
+JUDGED_SAMPLE = os.path.join(ROOT, "data", "formats", "judged_rollouts.jsonl")
+
+
+# ---- chat ------------------------------------------------------------------
+
+
+def test_chat_text_mode_matches_chat_template(tokenizer):
+    from opensloth.data import load_records, prepare_chat_dataset
+
+    raw = load_records(SFT_DIR, "train[:40]")
+    out, report = prepare_chat_dataset(raw, tokenizer, mode="text", keep_columns=["source"])
+    assert report.total_in == 40 and report.total_out == 40
+    assert out.column_names == ["source", "text"]
+    for row, text in zip(raw, out["text"]):
+        assert text == tokenizer.apply_chat_template(row["messages"], tokenize=False)
+
+
+def _label_runs(labels):
+    runs, current = [], []
+    for tok in labels:
+        if tok == -100:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(tok)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def test_chat_tokens_assistant_only_labels_cover_exactly_the_replies(tokenizer):
+    from opensloth.data import load_records, prepare_chat_dataset
+
+    raw = load_records(SFT_DIR, "train[:30]")
+    out, report = prepare_chat_dataset(raw, tokenizer, mode="tokens", assistant_only=True)
+    assert report.total_out == 30 and report.truncated == 0
+    for row, ids, labels in zip(raw, out["input_ids"], out["labels"]):
+        assert len(ids) == len(labels)
+        assert all(lab in (-100, tok) for tok, lab in zip(ids, labels))
+        replies = [m["content"] + "<|im_end|>" for m in row["messages"] if m["role"] == "assistant"]
+        assert [tokenizer.decode(run) for run in _label_runs(labels)] == replies
+
+
+def test_chat_tokens_truncation_and_too_long_counts(tokenizer):
+    from opensloth.data import load_records, prepare_chat_dataset
+    from opensloth.data.chat import tokenize_messages
+
+    raw = load_records(SFT_DIR, "train[:60]")
+    limit = 40
+    out, report = prepare_chat_dataset(raw, tokenizer, mode="tokens", assistant_only=True, max_seq_length=limit)
+    # Brute force the expected counts from the untruncated tokenization.
+    expect_truncated = expect_too_long = 0
+    for row in raw:
+        labels = tokenize_messages(row["messages"], tokenizer, assistant_only=True)["labels"]
+        if len(labels) > limit:
+            if all(x == -100 for x in labels[:limit]):
+                expect_too_long += 1
+            else:
+                expect_truncated += 1
+    assert expect_too_long > 0 and expect_truncated > 0  # the limit exercises both paths
+    assert report.dropped.get("too_long", 0) == expect_too_long
+    assert report.truncated == expect_truncated
+    assert len(out) == 60 - expect_too_long
+    assert max(len(ids) for ids in out["input_ids"]) <= limit
+
+
+def test_chat_bad_structure_empty_and_errors(tokenizer):
+    import datasets
+
+    from opensloth.data import EmptyDatasetError, MissingColumnsError, prepare_chat_dataset
+
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ds = datasets.Dataset.from_list([
+        {"messages": ok},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": None, "content": "x"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]},
+        {"messages": []},
+    ])
+    out, report = prepare_chat_dataset(ds, tokenizer, mode="tokens")
+    assert len(out) == 1
+    assert report.dropped == {"bad_structure": 2, "empty": 3}
+    assert report.examples["bad_structure"] == [1, 2]
+
+    with pytest.raises(MissingColumnsError) as err:
+        prepare_chat_dataset(ds.rename_column("messages", "turns"), tokenizer)
+    assert "['messages']" in str(err.value) and "['turns']" in str(err.value)
+
+    with pytest.raises(EmptyDatasetError, match="empty after filtering"):
+        prepare_chat_dataset(ds.select([3, 4, 5]), tokenizer)
+
+
+def test_chat_sharegpt_conversations(tokenizer):
+    import datasets
+
+    from opensloth.data import prepare_chat_dataset
+
+    ds = datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    out, _ = prepare_chat_dataset(ds, tokenizer, mode="text")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert out["text"] == [tokenizer.apply_chat_template(messages, tokenize=False)]
+
+
+def test_assistant_only_needs_generation_markers(tokenizer):
+    import copy
+
+    import datasets
+
+    from opensloth.data import prepare_chat_dataset
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(ValueError, match="generation"):
+        prepare_chat_dataset(ds, plain, mode="tokens", assistant_only=True)
+
+
