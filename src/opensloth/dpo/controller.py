@@ -136,8 +136,8 @@ class DynamicBetaConfig:
             bad("beta_min", "must be >= 0", "use 0.0 for no lower clip")
         if not self.beta_min <= self.beta_0 <= self.beta_max:
             bad("beta_0", f"must lie in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]", "widen the clip range or change beta_0")
-        if self.risk_rule not in RISK_RULES:
-            bad("risk_rule", f"is not one of {RISK_RULES}", "pick one (docs/dynamic_beta.md says which and why)")
+        if self.risk_rule not in RULES:  # the live registry: rules registered after import count too
+            bad("risk_rule", f"is not one of {tuple(RULES)}", "pick one (docs/dynamic_beta.md says which and why)")
         if self.deadband < 0:
             bad("deadband", "must be >= 0", "use 1.0 (the Hoeffding bound) or 0 for no dead-band")
         if self.beta_dpo_a < 0:

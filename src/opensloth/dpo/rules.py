@@ -353,10 +353,13 @@ def calibrated_temperature(margins: Sequence[float], *, lo: float = CALIBRATION_
     is unique; it is found by bisection in ``log(beta)`` over ``[lo, hi]``
     (a fixed number of iterations: the same bits on every rank). Returns
     None when ``sum(M) <= 0`` (the margins do not explain the labels at any
-    positive temperature), ``hi`` when ``g(hi) > 0`` (every margin positive).
+    positive temperature), ``hi`` when no margin is negative (the likelihood
+    grows without bound) or the root lies above ``hi``.
     """
     if not margins or math.fsum(margins) <= 0:
         return None
+    if min(margins) >= 0:
+        return hi
 
     def g(beta):
         return math.fsum(m * _sigmoid_neg(beta * m) for m in margins)
