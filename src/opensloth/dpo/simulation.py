@@ -19,6 +19,9 @@ import random
 from dataclasses import replace
 
 from opensloth.dpo.controller import RISK_RULES, DynamicBetaConfig, DynamicBetaController
+from opensloth.dpo.rules import P_HAT_TESTS
+
+P_HAT_RULES = tuple(P_HAT_TESTS)  # the rules built around a p_hat steady state; the drift table covers them
 
 
 # Rules that read the completion log-ratios get chosen = M/2 - OFFSET, rejected = -M/2 - OFFSET:
@@ -77,7 +80,7 @@ def shift_response(config: DynamicBetaConfig, scenario: str, *, n: int, steps: i
 
 
 def drift_table(batch_sizes=(16, 64, 256), base: DynamicBetaConfig | None = None, steps: int = 2000,
-                rules=RISK_RULES) -> str:
+                rules=P_HAT_RULES) -> str:
     """Markdown table: drift per 100 steps (stationary) and the response to growing margins, per rule and n."""
     base = base or DynamicBetaConfig()
     lines = [
@@ -99,7 +102,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="dynamic-phase steps per simulated run")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64, 256], help="global batch sizes n")
-    parser.add_argument("--rules", nargs="+", default=list(RISK_RULES), choices=list(RISK_RULES), help="risk rules")
+    parser.add_argument("--rules", nargs="+", default=list(P_HAT_RULES), choices=list(RISK_RULES),
+                        help="risk rules (default: the p_hat rules; any registered rule can be simulated)")
     args = parser.parse_args(argv)
     print(drift_table(tuple(args.batch_sizes), steps=args.steps, rules=args.rules))
 
