@@ -215,6 +215,10 @@ def test_calibration_floor_hand_values():
     nxt = rule.update(cfg, out.state, 0.2, _sig([20.0, -10.0]))
     assert nxt.state["log_beta_star"] == pytest.approx(0.95 * lb + 0.05 * (lb - math.log(10)))
     assert rule.update(cfg, out.state, 0.2, _sig([1.0, -2.0])).state == out.state
+    # nor does a step without a negative margin (beta* at the top of the range says nothing about it)
+    skipped = rule.update(cfg, out.state, 0.01, _sig([1.0, 2.0, 0.5]))
+    assert skipped.state == out.state and skipped.record["beta_star"] is None
+    assert skipped.beta == pytest.approx(out.beta)  # the floor still acts on the remembered temperature
 
 
 # --------------------------------------------------------------------------- the controller with each rule

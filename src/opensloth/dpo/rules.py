@@ -379,6 +379,11 @@ def calibrated_temperature(margins: Sequence[float], *, lo: float = CALIBRATION_
 def _calibration_floor_rule(cfg, state, beta, sig: StepSignals) -> RuleStep:
     log_bstar = state.get("log_beta_star")
     bstar = calibrated_temperature(sig.margins)
+    if bstar is not None and bstar >= CALIBRATION_RANGE[1]:
+        # No negative margin: the likelihood grows without bound in beta, so the step says nothing
+        # about the temperature. Skipped like a step with sum(M) <= 0 (frequent with small global
+        # batches: with 8 pairs a few steps in ten; it never happened with 64 pairs in the toy).
+        bstar = None
     if bstar is not None:
         lb = math.log(bstar)
         log_bstar = lb if log_bstar is None else (1.0 - cfg.ema_lambda) * log_bstar + cfg.ema_lambda * lb
