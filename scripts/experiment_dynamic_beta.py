@@ -1,7 +1,7 @@
 """Controlled over-optimisation experiment: fixed-beta vs dynamic-beta DPO on a toy policy, two worlds (CPU).
 
     nice python scripts/experiment_dynamic_beta.py --out_dir outputs/dynamic_beta \
-        --fig_dir docs/img --update_doc docs/dynamic_beta.md        # 2 worlds x 5 seeds, ~25-40 min on 2 busy cores
+        --fig_dir docs/img --update_doc docs/dynamic_beta.md        # 2 worlds x 5 seeds x 19 runs: 51 min measured on 2 cores shared with other jobs
     python scripts/experiment_dynamic_beta.py --quick --out_dir /tmp/dynamic_beta_quick   # smoke run, ~1 min
 
 What it does, top to bottom (docs/dynamic_beta.md has the results and what they show):

@@ -85,13 +85,13 @@ class DynamicBetaConfig:
     """Hyper-parameters of the dynamic-beta controller (defaults of the public reference)."""
 
     beta_0: float = field(default=0.1, metadata={"help": "beta during warmup and the start value of the dynamic phase (> 0)."})
-    warmup_steps: int = field(default=120, metadata={"help": "optimizer steps that collect margins for tau_0 while beta stays at beta_0 (>= 1)."})
+    warmup_steps: int = field(default=120, metadata={"help": "optimizer steps that collect margins for tau_0; beta stays at beta_0 unless the rule acts in warmup (beta_dpo, kl_target) (>= 1)."})
     q: float = field(default=0.9, metadata={"help": "quantile of the margins that tau tracks, in (0, 1)."})
     delta: float = field(default=0.1, metadata={"help": "target fraction of margins above tau, in (0, 1); neutral rules need delta = 1 - q."})
     eps0: float = field(default=0.05, metadata={"help": "significance level of the risk test (Hoeffding bound / one-sided z test), in (0, 1)."})
-    ema_lambda: float = field(default=0.05, metadata={"help": "EMA weight of the batch quantile in tau, in (0, 1]."})
-    gamma: float = field(default=2.0, metadata={"help": "slope of s = tanh(gamma * u) (> 0)."})
-    alpha: float = field(default=0.0015, metadata={"help": "step size of log(beta) per optimizer step (>= 0; 0 freezes beta)."})
+    ema_lambda: float = field(default=0.05, metadata={"help": "EMA weight of the batch quantile in tau (and of the calibrated temperature in calibration_floor), in (0, 1]."})
+    gamma: float = field(default=2.0, metadata={"help": "slope of s = tanh(gamma * u) in the p_hat rules and calibration_floor (> 0)."})
+    alpha: float = field(default=0.0015, metadata={"help": "p_hat rules (hoeffding, zscore, hoeffding_deadband): step size of log(beta) per optimizer step (>= 0; 0 freezes beta for them)."})
     beta_min: float = field(default=0.0, metadata={"help": "lower clip of beta (>= 0, <= beta_0)."})
     beta_max: float = field(default=2.0, metadata={"help": "upper clip of beta (finite, >= beta_0)."})
     risk_rule: str = field(default="hoeffding_deadband", metadata={"help": f"risk rule, one of {RISK_RULES}; see docs/dynamic_beta_rules.md."})
