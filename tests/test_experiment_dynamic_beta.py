@@ -119,7 +119,7 @@ def test_quick_run_outputs(tmp_path):
                  "dynamic_beta_signals.png"):
         assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
-    runs, max_len = data["runs"], data["world"]["max_len"]
+    runs, max_len = data["runs"], data["worlds"]["filler"]["max_len"]
     assert {r["name"] for r in runs} == {s["name"] for s in data["specs"]}
     assert {r["world"] for r in runs} == {"filler", "repetition"}
     assert len(runs) == len(data["specs"]) * len(data["args"]["seeds"]) * 2
