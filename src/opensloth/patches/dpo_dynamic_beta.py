@@ -110,8 +110,8 @@ def capture_fused_log_probs(module):
         handle.remove()
 
 
-def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
-    """Per-pair margins ``(logp_w - ref_w) - (logp_l - ref_l)`` with TRL's order of operations.
+def logratios_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
+    """Per-pair ``(logp_w - ref_w, logp_l - ref_l)`` with TRL's order of operations.
 
     ``captured`` holds the policy pass and (unless ``precomputed_ref``) the
     reference pass; the batch is ``[chosen; rejected]`` along dim 0.
@@ -128,8 +128,12 @@ def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
         ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
     else:
         ref_chosen_logps, ref_rejected_logps = captured[1][:, -seq_len:].sum(dim=1).chunk(2, dim=0)
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
+    return chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+
+
+def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
+    """Per-pair margins ``(logp_w - ref_w) - (logp_l - ref_l)`` with TRL's order of operations."""
+    chosen_logratios, rejected_logratios = logratios_from_log_probs(captured, inputs, precomputed_ref)
     return chosen_logratios - rejected_logratios
 
 
@@ -173,6 +177,8 @@ class DynamicBetaRuntime:
         self.trainer = trainer
         self.controller = DynamicBetaController(config)
         self.pending: list[float] = []  # this rank's margins of the current optimizer step
+        # this rank's chosen / rejected log-ratios of the step, kept only for rules that read them
+        self.pending_logratios: dict[str, list[float]] = {"chosen_logratios": [], "rejected_logratios": []}
         self.margins_log_path = margins_log_path
         self.is_main = trainer.accelerator.is_main_process
         self.last_records: list[dict] = []
@@ -183,15 +189,24 @@ class DynamicBetaRuntime:
         """Beta of the current optimizer step (fixed until the step ends)."""
         return self.controller.beta
 
-    def add_margins(self, margins: list[float]) -> None:
-        """Buffer this rank's margins of one micro-batch (plain floats)."""
+    def add_margins(self, margins: list[float], chosen_logratios: list[float] | None = None,
+                    rejected_logratios: list[float] | None = None) -> None:
+        """Buffer this rank's margins (and, for rules that read them, log-ratios) of one micro-batch."""
         self.pending.extend(margins)
+        if self.controller.needs_logratios:
+            self.pending_logratios["chosen_logratios"].extend(chosen_logratios)
+            self.pending_logratios["rejected_logratios"].extend(rejected_logratios)
 
     def end_step(self, global_step: int) -> list[dict]:
         """Gather the step's margins from every rank, update the controller, log. Returns the records."""
 
         local, self.pending = self.pending, []
-        gathered = all_gather_object_list({"digest": self.controller.digest(), "margins": local})
+        local_lr = self.pending_logratios
+        self.pending_logratios = {"chosen_logratios": [], "rejected_logratios": []}
+        payload = {"digest": self.controller.digest(), "margins": local}
+        if self.controller.needs_logratios:
+            payload.update(local_lr)
+        gathered = all_gather_object_list(payload)
         digests = [g["digest"] for g in gathered]
         if any(d != digests[0] for d in digests):
             raise RuntimeError(f"dynamic-beta controller state differs across ranks: {digests}")
@@ -201,7 +216,10 @@ class DynamicBetaRuntime:
                 f"step {global_step}; was the controller state restored on resume?"
             )
         margins = [m for g in gathered for m in g["margins"]]  # rank order, then micro-batch order
-        records = self.controller.observe_step(margins)
+        extras = None
+        if self.controller.needs_logratios:  # same order as the margins
+            extras = {k: [v for g in gathered for v in g[k]] for k in ("chosen_logratios", "rejected_logratios")}
+        records = self.controller.observe_step(margins, extras)
         for rec in records:
             rec["global_step"] = global_step
             if rec["type"] == "warmup_end":
@@ -268,6 +286,7 @@ class DynamicBetaRuntime:
         with open(path) as fh:
             self.controller.load_state_dict(json.load(fh))
         self.pending = []
+        self.pending_logratios = {"chosen_logratios": [], "rejected_logratios": []}
         log_rank0(f"dynamic beta: resumed from {path} at step {self.controller.step} "
                   f"(phase={self.controller.phase}, beta={self.controller.beta:.6g})")
         self._append_log([{"type": "resume", "step": self.controller.step, "checkpoint": checkpoint_dir,
@@ -312,10 +331,11 @@ def _make_compute_loss(original):
         self.beta = runtime.beta  # fixed for every micro-batch of this optimizer step
         with capture_fused_log_probs(self.model) as captured:
             result = original(self, model, inputs, return_outputs)
-        margins = margins_from_log_probs(captured, inputs, self.precompute_ref_logps).double().cpu().tolist()
+        chosen, rejected = logratios_from_log_probs(captured, inputs, self.precompute_ref_logps)
+        margins = (chosen - rejected).double().cpu().tolist()
         check_loss_matches(result[0] if return_outputs else result, margins, self.beta, self.loss_weights[0])
         if self.model.training:
-            runtime.add_margins(margins)
+            runtime.add_margins(margins, chosen.double().cpu().tolist(), rejected.double().cpu().tolist())
         return result
 
     return _compute_loss
@@ -417,6 +437,9 @@ def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path:
     if getattr(trainer, RUNTIME_ATTR, None) is not None:
         raise RuntimeError("a dynamic-beta controller is already attached to this trainer")
     _check_supported(trainer)
+    if DynamicBetaController(config).rule.pair_weights is not None:
+        raise ValueError(f"risk_rule {config.risk_rule!r} filters pairs with per-pair loss weights, which this "
+                         "trainer does not apply yet; use risk_rule 'beta_dpo' (the same calibration without the filter)")
     if margins_log_path is None:
         margins_log_path = os.path.join(trainer.args.output_dir, "logs", "margins", "margins.jsonl")
     runtime = DynamicBetaRuntime(trainer, config, margins_log_path)
