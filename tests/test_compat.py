@@ -272,31 +272,31 @@ def test_original_style_script_on_one_then_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_original_train_configurable_command_lines(tmp_path, tokenizer):
-    """The original sanity script's runs: patched and --no_patches keep apart; a rerun never overwrites."""
+    """The original sanity script's runs: patched and --no_patches keep apart; a rerun never overwrites.
+
+    The unpatched run trains from a folder the original's precompute_dataset.py wrote.
+    """
     script = "train_scripts/train_configurable.py"
     ours = ["--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")]
     patched = run(torchrun_cmd(2, script, *ORIGINAL_TRAIN_FLAGS, "--use_patches", *ours))
     assert patched.returncode == 0, patched.stderr[-4000:]
-    plain = run(torchrun_cmd(2, script, *ORIGINAL_TRAIN_FLAGS, "--no_patches", *ours))
+    prepared = write_original_prepared(tmp_path / "precomputed", tokenizer, rows=16)
+    plain = run(torchrun_cmd(2, script, *ORIGINAL_TRAIN_FLAGS, "--no_patches", "--skip_prepare",
+                             "--prepared_dataset_path", prepared, *ours))
     assert plain.returncode == 0, plain.stderr[-4000:]
+    assert "original OpenSloth's precompute_dataset.py" in plain.stderr
     for name in ("sanity_ws2", "sanity_ws2_nopatches"):
-        assert (tmp_path / name / "adapter_model.safetensors").exists(), name
-    # The same command again refuses in one line, before loading anything, and leaves the run alone.
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        assert state["global_step"] == 2 and (tmp_path / name / "adapter_model.safetensors").exists(), name
+    # The same command again refuses in one line, before loading anything, and leaves the run alone
+    # (the original sanity script's one-process environment, with the 2-rank world size).
     before = (tmp_path / "sanity_ws2" / "adapter_model.safetensors").stat().st_mtime_ns
-    again = run(torchrun_cmd(1, script, *ORIGINAL_TRAIN_FLAGS, "--use_patches", *ours), WORLD_SIZE="2", RANK="0")
+    again = run([sys.executable, script, *ORIGINAL_TRAIN_FLAGS, "--use_patches", *ours], timeout=120,
+                WORLD_SIZE="2", LOCAL_RANK="0", RANK="0", MASTER_ADDR="localhost", MASTER_PORT="29531")
     errors = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
     assert again.returncode == 2 and len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-2000:]
     assert "Traceback" not in again.stderr
     assert (tmp_path / "sanity_ws2" / "adapter_model.safetensors").stat().st_mtime_ns == before
-
-    # --skip_prepare on a folder the original's precompute_dataset.py wrote (the sanity script's env style).
-    prepared = write_original_prepared(tmp_path / "precomputed", tokenizer, rows=16)
-    env = dict(WORLD_SIZE="1", LOCAL_RANK="0", RANK="0", MASTER_ADDR="localhost", MASTER_PORT="29531")
-    legacy = run([sys.executable, script, *ORIGINAL_TRAIN_FLAGS, "--no_patches", "--skip_prepare",
-                  "--prepared_dataset_path", prepared, "--experiment_name", "pre", *ours], **env)
-    assert legacy.returncode == 0, legacy.stderr[-4000:]
-    assert "original OpenSloth's precompute_dataset.py" in legacy.stderr
-    assert (tmp_path / "pre_ws1_nopatches" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
