@@ -6,6 +6,7 @@
 - :mod:`~opensloth.cache.coordination` -- who builds, how the other ranks wait, a dead builder.
 - :mod:`~opensloth.cache.wrapper` -- ``cache_dataset_wrapper`` / ``simple_cache_dataset_wrapper``
   around a trainer factory (the protocol is described there).
+- :mod:`~opensloth.cache.legacy` -- ``CacheConfig``, the original OpenSloth's settings class.
 
 ``import opensloth.cache`` is cheap: ``datasets`` is imported by the functions that need it.
 """
@@ -18,11 +19,13 @@ from opensloth.cache.coordination import (
     DatasetCacheError,
     DatasetCacheMismatchError,
 )
+from opensloth.cache.legacy import CacheConfig
 from opensloth.cache.store import PreparedDatasetError, PreparedDatasetMismatchError, load_prepared_dataset
 from opensloth.cache.wrapper import cache_dataset_wrapper, sft_dataset_kwargs, simple_cache_dataset_wrapper
 
 __all__ = [
     "CacheBuildFailedError",
+    "CacheConfig",
     "CacheBuilderDiedError",
     "CacheWaitTimeout",
     "DatasetCacheConfig",

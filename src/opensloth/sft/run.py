@@ -49,13 +49,16 @@ class SFTSettings:
     logging_steps: int = setting(1, "log the loss every N steps")
     save_steps: int = setting(0, "save a checkpoint every N steps (0: only at the end)")
     seed: int = setting(3407, "seed for LoRA init and data order (same on all ranks)")
-    no_patches: bool = setting(False, "disable the optional speed patches (batch repacking / cross-rank balancing)")
+    no_patches: bool = setting(False, "disable the optional speed patches (batch repacking / cross-rank balancing); "
+                                      "the run dir gets the suffix _nopatches")
+    use_patches: bool = setting(False, "accepted for the original OpenSloth's command lines: the patches are on "
+                                       "unless --no_patches, which wins when both are given")
     packing_layout: str = setting("auto", "micro-batch layout of the batch patch: padding-free varlen rows, packed "
                                           "rows with a 4D block mask, or padded rows (auto picks for the attention "
                                           "backend)", choices=PACKING_LAYOUTS)
     debug_dataloader: bool = setting(False, "write an HTML preview of the first batches (trained/masked tokens, "
                                             "boundaries) to .log/")
-    experiment_name: str = setting("sft", "run name; the run dir is <output_dir>/<name>_ws<N>")
+    experiment_name: str = setting("sft", "run name; the run dir is <output_dir>/<name>_ws<N>[_nopatches]")
     output_dir: str = setting("outputs", "parent folder of run directories")
     backend: str = setting("auto", "unsloth (FastLanguageModel), hf (transformers + PEFT), or auto (unsloth if "
                                    "installed)", choices=BACKENDS)
