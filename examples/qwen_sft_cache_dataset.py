@@ -51,7 +51,7 @@ PER_DEVICE_BATCH_SIZE = 4
 GRAD_ACCUM = 1
 EXPERIMENT_NAME = "qwen_sft_cache"
 OUTPUT_DIR = os.environ.get("OUTPUT_DIR", "outputs")
-CACHE_DIR = os.environ.get("CACHE_DIR", "data/cache")
+CACHE_DIR = os.environ.get("CACHE_DIR")  # None: $OPENSLOTH_CACHE_DIR or ~/.cache/opensloth/datasets
 
 
 def init_model(device):

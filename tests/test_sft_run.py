@@ -19,7 +19,7 @@ OLD_FLAGS = {
     "per_device_batch_size": None, "global_batch_size": None, "grad_accum": 1, "logging_steps": 1, "save_steps": 0,
     "seed": 3407, "no_patches": False, "use_patches": False, "packing_layout": "auto", "debug_dataloader": False, "experiment_name": "sft",
     "output_dir": "outputs", "backend": "auto", "dtype": "auto", "load_in_4bit": False, "assistant_only_loss": False,
-    "no_gradient_checkpointing": False, "skip_prepare": False, "prepared_dataset_path": None, "cache_dir": "data/cache",
+    "no_gradient_checkpointing": False, "skip_prepare": False, "prepared_dataset_path": None, "cache_dir": None,
 }
 
 

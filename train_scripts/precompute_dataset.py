@@ -3,7 +3,7 @@
     python train_scripts/precompute_dataset.py --model_name data/tiny-qwen3 --dataset data/sft \
         --name tiny-sft --max_seq_length 1024
     torchrun --nproc_per_node=2 train_scripts/train_configurable.py \
-        --skip_prepare --prepared_dataset_path data/precomputed/tiny-sft --max_seq_length 1024
+        --skip_prepare --prepared_dataset_path outputs/precomputed/tiny-sft --max_seq_length 1024
 
     # preference pairs (pairs, Anthropic HH or judged rollout JSONL) for DPO
     python train_scripts/precompute_dataset.py --format preference --dataset data/preference \
@@ -29,7 +29,7 @@ data goes through the same pipeline as ``train_dpo.py``
 The original OpenSloth's command line works too::
 
     python train_scripts/precompute_dataset.py --model_name data/tiny-qwen3 --dataset_name data/sft \
-        --output_dir data/precomputed --target_token_only --dataset_name_suffix v1
+        --output_dir outputs/precomputed --target_token_only --dataset_name_suffix v1
 
 ``--dataset_name`` and ``--output_dir`` are ``--dataset`` and ``--output_root``;
 without ``--name`` the folder gets the original's name
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None,
                    help="output folder name under --output_root (default: the original OpenSloth's "
                         "<model>_<dataset>[_target_only][_<suffix>]_processed)")
-    p.add_argument("--output_root", "--output_dir", dest="output_root", default="data/precomputed",
+    p.add_argument("--output_root", "--output_dir", dest="output_root", default="outputs/precomputed",
                    help="parent of the output folder; --output_dir is the original's name")
     p.add_argument("--format", choices=("chat", "preference"), default="chat",
                    help="chat: messages -> input_ids/labels; preference: pairs/chat pairs/HH/judged -> prompt/chosen/rejected ids")

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- trainer ---
     factory = build_sft_trainer
-    if settings.cache_dir and not settings.skip_prepare:
+    if settings.cache_dir != "" and not settings.skip_prepare:  # None: the default cache folder
         # One rank tokenizes; the others (and later launches) load the result.
         factory = simple_cache_dataset_wrapper(
             cache_dir=settings.cache_dir, max_seq_length=settings.max_seq_length, packing=False,

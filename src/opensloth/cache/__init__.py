@@ -12,18 +12,21 @@
 """
 
 from opensloth.cache.coordination import (
+    CACHE_DIR_ENV,
     CacheBuildFailedError,
     CacheBuilderDiedError,
     CacheWaitTimeout,
     DatasetCacheConfig,
     DatasetCacheError,
     DatasetCacheMismatchError,
+    default_cache_dir,
 )
 from opensloth.cache.legacy import CacheConfig
 from opensloth.cache.store import PreparedDatasetError, PreparedDatasetMismatchError, load_prepared_dataset
 from opensloth.cache.wrapper import cache_dataset_wrapper, sft_dataset_kwargs, simple_cache_dataset_wrapper
 
 __all__ = [
+    "CACHE_DIR_ENV",
     "CacheBuildFailedError",
     "CacheConfig",
     "CacheBuilderDiedError",
@@ -34,6 +37,7 @@ __all__ = [
     "PreparedDatasetError",
     "PreparedDatasetMismatchError",
     "cache_dataset_wrapper",
+    "default_cache_dir",
     "load_prepared_dataset",
     "sft_dataset_kwargs",
     "simple_cache_dataset_wrapper",

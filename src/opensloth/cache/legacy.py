@@ -39,7 +39,7 @@ class CacheConfig:
     Pass it where the original did: ``cache_dataset_wrapper(cache_config=CacheConfig(...))``.
     """
 
-    def __init__(self, cache_dir: str = "data/cache", timeout_seconds: int = 3600, ready_flag_name: str = ".ready",
+    def __init__(self, cache_dir: str | None = None, timeout_seconds: int = 3600, ready_flag_name: str = ".ready",
                  train_subdir: str = "train_dataset", val_subdir: str = "val_dataset",
                  metadata_file: str = "cache_metadata.json", enable_validation: bool = True):
         self.cache_dir = cache_dir

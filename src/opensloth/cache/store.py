@@ -334,7 +334,7 @@ def load_prepared_dataset(path: str, tokenizer, max_seq_length: int | None = Non
     :func:`load_legacy_prepared`.
 
     Args:
-        path: e.g. ``data/precomputed/<name>``.
+        path: e.g. ``outputs/precomputed/<name>``.
         tokenizer: the tokenizer of the model about to train; it must match
             the one the data was tokenized with.
         max_seq_length: the training length limit; the longest stored row

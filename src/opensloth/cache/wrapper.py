@@ -4,7 +4,7 @@ Stock Unsloth/TRL SFT tokenizes the whole dataset on every rank. Decorating
 the trainer factory with :func:`simple_cache_dataset_wrapper` (or
 :func:`cache_dataset_wrapper`) makes one rank do it::
 
-    @simple_cache_dataset_wrapper(cache_dir="data/cache", max_seq_length=2048)
+    @simple_cache_dataset_wrapper(cache_dir="outputs/cache", max_seq_length=2048)
     def build_trainer(model, tokenizer, train_dataset, val_dataset, world_size, args):
         config = SFTConfig(..., dataset_kwargs=sft_dataset_kwargs(train_dataset))
         return SFTTrainer(model=model, args=config, train_dataset=train_dataset, ...)
@@ -318,13 +318,14 @@ def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any]
     return decorate
 
 
-def simple_cache_dataset_wrapper(cache_dir: str = "data/cache", timeout_minutes: float = 60.0,
+def simple_cache_dataset_wrapper(cache_dir: str | None = None, timeout_minutes: float = 60.0,
                                  builder: str = "global", **cache_key_params):
     """:func:`cache_dataset_wrapper` with the common settings as keywords.
 
-    ``@simple_cache_dataset_wrapper(cache_dir="data/cache", max_seq_length=2048, assistant_only_loss=False)``;
+    ``@simple_cache_dataset_wrapper(cache_dir="outputs/cache", max_seq_length=2048, assistant_only_loss=False)``;
     every keyword other than ``cache_dir``, ``timeout_minutes`` and ``builder``
-    goes into the cache key.
+    goes into the cache key. ``cache_dir=None`` is :func:`opensloth.cache.default_cache_dir`
+    (the original OpenSloth defaulted to ``data/cache``).
     """
     config = DatasetCacheConfig(cache_dir=cache_dir, timeout_minutes=timeout_minutes, builder=builder)
     return cache_dataset_wrapper(config, cache_key_params)

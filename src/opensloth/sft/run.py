@@ -71,14 +71,14 @@ class SFTSettings:
     skip_prepare: bool = setting(False, "train from a tokenized dataset written by precompute_dataset.py")
     prepared_dataset_path: str | None = setting(None, "folder with train/ (and val/) from precompute_dataset.py; "
                                                       "needs --skip_prepare")
-    cache_dir: str = setting("data/cache", "tokenized-dataset cache shared by all ranks and later launches "
-                                           "('' disables it)")
+    cache_dir: str | None = setting(None, "tokenized-dataset cache shared by all ranks and later launches (default: "
+                                          "$OPENSLOTH_CACHE_DIR, else ~/.cache/opensloth/datasets; '' disables it)")
 
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise UserInputError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8")
         if self.skip_prepare and not self.prepared_dataset_path:
-            raise UserInputError("--skip_prepare needs --prepared_dataset_path data/precomputed/<name>")
+            raise UserInputError("--skip_prepare needs --prepared_dataset_path outputs/precomputed/<name>")
         if self.prepared_dataset_path and not self.skip_prepare:
             raise UserInputError("--prepared_dataset_path is only read with --skip_prepare; add --skip_prepare")
         for name in ("train_samples", "test_samples"):
