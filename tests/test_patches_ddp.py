@@ -155,3 +155,32 @@ def test_trl_logprob_router_installed():
     t = torch.tensor([0, 1, 2])
     lp = router.apply(h, w, None, t, 1.0, 8, None, 1.0, ())[0]
     torch.testing.assert_close(lp, torch.log_softmax(h @ w.t(), -1).gather(-1, t[:, None]).squeeze(-1))
+
+
+def test_stacked_patches_stay_idempotent_and_unpatch_any_layer():
+    from opensloth.patches.registry import is_patched
+
+    class Target:
+        def f(self):
+            return ["base"]
+
+    def layer(tag):
+        def make(original):
+            def f(self):
+                return original(self) + [tag]
+            return f
+        return make
+
+    kw = dict(written_for="test", description="")
+    assert swap_method(Target, "f", layer("a"), name="test_layer_a", **kw) is True
+    assert swap_method(Target, "f", layer("b"), name="test_layer_b", **kw) is True
+    # "a" sits under "b": applying it again must not wrap a second time.
+    assert swap_method(Target, "f", layer("a"), name="test_layer_a", **kw) is False
+    assert Target().f() == ["base", "a", "b"]
+    # Removing the lower layer keeps the upper one working.
+    assert unpatch(Target, "f", "test_layer_a") is True
+    assert Target().f() == ["base", "b"]
+    assert not is_patched(Target.f, "test_layer_a") and is_patched(Target.f, "test_layer_b")
+    assert unpatch(Target, "f", "test_layer_b") is True
+    assert Target().f() == ["base"]
+    assert unpatch(Target, "f", "test_layer_b") is False

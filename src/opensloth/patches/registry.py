@@ -100,7 +100,19 @@ def require_source_contains(func: Callable, snippets: list[str], patch_name: str
 
 
 def is_patched(func: Any, name: str) -> bool:
-    return getattr(func, _MARKER, None) == name
+    """True when ``func`` or any opensloth layer beneath it carries the patch ``name``."""
+    return _layers_above(func, name) is not None
+
+
+def _layers_above(func: Any, name: str) -> list[Any] | None:
+    """The opensloth layers stacked above the one named ``name`` (top first), or None if absent."""
+    above: list[Any] = []
+    while func is not None and getattr(func, _MARKER, None) is not None:
+        if getattr(func, _MARKER) == name:
+            return above
+        above.append(func)
+        func = getattr(func, "__wrapped__", None)
+    return None
 
 
 def swap_method(
@@ -122,15 +134,21 @@ def swap_method(
     if is_patched(original, name):
         _APPLIED.setdefault(name, PatchRecord(name, qualified_name(owner, attr), written_for, description))
         return False
+    replacement = _wrap(original, make_replacement, name, attr)
+    setattr(owner, attr, replacement)
+    record_patch(name, qualified_name(owner, attr), written_for, description)
+    return True
+
+
+def _wrap(original: Callable, make_replacement: Callable[[Callable], Callable], name: str, attr: str) -> Callable:
     replacement = make_replacement(original)
     setattr(replacement, _MARKER, name)
+    replacement._opensloth_make = make_replacement
     replacement.__wrapped__ = original
     replacement.__name__ = getattr(original, "__name__", attr)
     replacement.__qualname__ = getattr(original, "__qualname__", attr)
     replacement.__doc__ = getattr(original, "__doc__", None)
-    setattr(owner, attr, replacement)
-    record_patch(name, qualified_name(owner, attr), written_for, description)
-    return True
+    return replacement
 
 
 def record_patch(name: str, target: str, written_for: str, description: str) -> None:
@@ -140,8 +158,14 @@ def record_patch(name: str, target: str, written_for: str, description: str) -> 
 def unpatch(owner: Any, attr: str, name: str) -> bool:
     """Restore the original of a patch applied by :func:`swap_method` (for tests)."""
     current = getattr(owner, attr, None)
-    if current is None or not is_patched(current, name):
+    above = _layers_above(current, name) if current is not None else None
+    if above is None:
         return False
-    setattr(owner, attr, current.__wrapped__)
+    # Peel down to the named layer, drop it, then rebuild the layers that sat on top of it.
+    layer = above[-1].__wrapped__ if above else current
+    rebuilt = layer.__wrapped__
+    for upper in reversed(above):
+        rebuilt = _wrap(rebuilt, upper._opensloth_make, getattr(upper, _MARKER), attr)
+    setattr(owner, attr, rebuilt)
     _APPLIED.pop(name, None)
     return True
