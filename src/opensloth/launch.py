@@ -32,6 +32,19 @@ DEFAULT_SFT_DATASET = "data/sft"
 DEFAULT_PREFERENCE_DATASET = "data/preference"
 BACKENDS = ("auto", "unsloth", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# transformers' SchedulerType values (TrainingArguments.lr_scheduler_type), listed here so that no settings
+# module imports transformers.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+EVAL_STRATEGIES = ("steps", "epoch")
+# Help texts of the optimizer settings SFTSettings and DPORunSettings share (TrainingArguments names and defaults).
+MAX_GRAD_NORM_HELP = "clip the global gradient norm to this value each optimizer step (0: no clipping; TRL default)"
+WEIGHT_DECAY_HELP = "AdamW weight decay (transformers leaves biases and norm weights undecayed; TRL default 0)"
+LR_SCHEDULER_HELP = "learning-rate schedule after the warmup, a transformers SchedulerType name (TRL default linear)"
+MIXED_PRECISION_HELP = ("autocast: auto follows the weights dtype (bf16 weights -> bf16 autocast); bf16 / fp16 "
+                        "autocast over float32 weights; no: none")
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,16 @@ class LoraSettings:
                 raise UserInputError(f"lora.{name}={getattr(self, name)} must be an integer >= 1")
         if not self.target_modules:
             raise UserInputError("lora.target_modules must be a non-empty list of module names")
+
+
+def check_optimizer_settings(settings) -> None:
+    """Raise UserInputError for a negative ``max_grad_norm`` / ``weight_decay`` or an unknown schedule."""
+    for name in ("max_grad_norm", "weight_decay"):
+        value = getattr(settings, name)
+        if not value >= 0:  # also NaN
+            raise UserInputError(f"{name}={value} must be >= 0 (0 turns it off)")
+    if settings.lr_scheduler_type not in LR_SCHEDULERS:
+        raise UserInputError(f"lr_scheduler_type={settings.lr_scheduler_type!r} is not one of {LR_SCHEDULERS}")
 
 
 def resolve_backend(name: str) -> str:
@@ -309,32 +332,38 @@ def setup_run(settings, unit: str = "samples") -> Launch:
 
 def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size: int, backend: str, dtype: str,
                          has_eval: bool, warmup_steps: int) -> dict:
-    """The ``TrainingArguments`` keywords SFT and DPO share: fixed seeds, TensorBoard, linear decay.
+    """The ``TrainingArguments`` keywords SFT and DPO share: fixed seeds, TensorBoard, optimizer and schedule.
 
     ``settings`` has ``eval_batch_size``, ``grad_accum``, ``learning_rate``,
     ``num_epochs``, ``max_steps``, ``logging_steps``, ``eval_steps``,
-    ``save_steps``, ``seed`` and ``no_gradient_checkpointing``. ``SFTConfig``
-    and ``DPOConfig`` add their own keys to the result.
+    ``save_steps``, ``seed`` and ``no_gradient_checkpointing``; optionally
+    ``max_grad_norm``, ``weight_decay``, ``lr_scheduler_type``,
+    ``mixed_precision`` and ``eval_strategy`` (TRL's defaults when absent).
+    ``SFTConfig`` and ``DPOConfig`` add their own keys to the result.
     """
+    amp = getattr(settings, "mixed_precision", "auto")
+    if amp == "auto":
+        amp = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+    eval_strategy = getattr(settings, "eval_strategy", "steps") if has_eval else "no"
     return dict(
         output_dir=run_dir,
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=settings.eval_batch_size or per_device,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=getattr(settings, "lr_scheduler_type", "linear"),
         warmup_steps=warmup_steps,
         num_train_epochs=settings.num_epochs,
         max_steps=settings.max_steps,
         logging_steps=settings.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=(settings.eval_steps or settings.logging_steps * 5) if has_eval else None,
+        eval_strategy=eval_strategy,
+        eval_steps=(settings.eval_steps or settings.logging_steps * 5) if eval_strategy == "steps" else None,
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         seed=settings.seed,
         data_seed=settings.seed,
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        bf16=amp == "bf16",
+        fp16=amp == "fp16",
         # Unsloth applies its own checkpointing in get_peft_model.
         gradient_checkpointing=not settings.no_gradient_checkpointing and backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -342,7 +371,8 @@ def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size:
         ddp_find_unused_parameters=False if world_size > 1 else None,
         dataloader_num_workers=0,
         optim="adamw_torch",
-        weight_decay=0.0,
+        weight_decay=getattr(settings, "weight_decay", 0.0),
+        max_grad_norm=getattr(settings, "max_grad_norm", 1.0),
     )
 
 
