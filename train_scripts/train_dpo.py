@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     # --- data: pairs, HH transcripts, judged rollouts, chat pairs or a prepared folder -> prompt/chosen/rejected ---
     train_ds, val_ds = load_preference_splits(
         settings.dataset, train_split=settings.train_split, test_split=settings.test_split,
-        train_samples=settings.train_samples, test_samples=settings.test_samples)
+        train_samples=settings.train_samples, test_samples=settings.test_samples, val_ratio=settings.val_ratio,
+        split_seed=settings.split_seed, hh_parser=settings.hh_parser, as_messages=settings.chat_template)
 
     # --- trainer ---
     dpo_config = make_dpo_config(settings, dynamic_cfg, run_dir=launch.run_dir, per_device=launch.per_device,
