@@ -181,13 +181,16 @@ def load_model_and_tokenizer(
     lora: LoraSettings = LoraSettings(),
     gradient_checkpointing: bool = True,
     load_in_4bit: bool = False,
+    full_finetune: bool = False,
 ):
-    """Load a causal LM and its tokenizer and wrap the model with LoRA adapters.
+    """Load a causal LM and its tokenizer and wrap the model with LoRA adapters (or train every weight).
 
     Unsloth: ``FastLanguageModel.from_pretrained(..., device_map={"": device})``
     then ``get_peft_model(..., use_gradient_checkpointing="unsloth")``.
     hf: ``AutoModelForCausalLM`` + ``peft.get_peft_model``; gradient
     checkpointing is left to the trainer config (``gradient_checkpointing``).
+    ``full_finetune``: no adapters; every weight trains (Unsloth:
+    ``from_pretrained(full_finetuning=True)``).
 
     The seed is set right before the adapters are created, so the LoRA
     initialisation is identical on every rank and every world size.
@@ -207,9 +210,10 @@ def load_model_and_tokenizer(
                 dtype=torch_dt,
                 load_in_4bit=load_in_4bit,
                 device_map={"": device_str},
+                **({"full_finetuning": True} if full_finetune else {}),
             )
             set_seed(seed)
-            model = FastLanguageModel.get_peft_model(
+            model = model if full_finetune else FastLanguageModel.get_peft_model(
                 model,
                 r=lora.r,
                 lora_alpha=lora.alpha,
@@ -233,15 +237,16 @@ def load_model_and_tokenizer(
             if not load_in_4bit:
                 model = model.to(device)
             set_seed(seed)
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, config)
+            if not full_finetune:
+                config = LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                )
+                model = get_peft_model(model, config)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
@@ -256,6 +261,29 @@ def load_model_and_tokenizer(
         f"trainable={sum(p.numel() for p in model.parameters() if p.requires_grad):,} params"
     )
     return model, tokenizer
+
+
+def load_frozen_model(model_name: str, *, device, dtype: str, backend: str):
+    """A frozen copy of a causal LM (DPO's separate reference): eval mode, no gradients, on ``device``.
+
+    Loaded with transformers on every backend: it only runs forward passes.
+    ``dtype`` follows :func:`torch_dtype` (``auto``: float32 for hf; the
+    policy's dtype name can be passed to match it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(model_name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype(dtype, "hf"))
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"could not load the reference model {model_name!r}: {first}; pass a local folder "
+                             "where there is no network access") from exc
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    log_rank0(f"loaded frozen reference {model_name} dtype={next(model.parameters()).dtype} "
+              f"params={sum(p.numel() for p in model.parameters()):,}")
+    return model
 
 
 def model_dtype_name(model) -> str:

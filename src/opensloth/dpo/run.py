@@ -209,12 +209,15 @@ def dpo_trainer_class(*, dynamic: bool, backend: str):
 
 
 def build_dpo_trainer(trainer_cls, model, tokenizer, train_dataset, eval_dataset, base_config, *,
-                      left_truncate_to: int | None = None):
+                      left_truncate_to: int | None = None, ref_model=None):
     """Construct ``trainer_cls`` with its own copy of ``base_config`` (never mutated).
 
-    ``ref_model`` is None: the reference is the policy with its adapter
-    disabled. With ``left_truncate_to`` the collator fits every pair into that
-    many tokens, cutting the prompt from the left
+    ``ref_model`` None with a LoRA policy: the reference is the policy with its
+    adapter disabled. Full fine-tuning passes the frozen reference model (or
+    None with ``precompute_ref_log_probs``: TRL then computes the reference
+    log-probs with the policy before its first step). With
+    ``left_truncate_to`` the collator fits every pair into that many tokens,
+    cutting the prompt from the left
     (:class:`opensloth.dpo.collator.LeftTruncatingPreferenceCollator`); otherwise
     TRL's own collator and ``base_config.max_length`` apply.
     """
@@ -224,13 +227,28 @@ def build_dpo_trainer(trainer_cls, model, tokenizer, train_dataset, eval_dataset
         collator = LeftTruncatingPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=left_truncate_to)
     return trainer_cls(
         model=model,
-        ref_model=None,
+        ref_model=ref_model,
         args=args,
         data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+
+
+def reference_model_source(settings: DPORunSettings) -> str | None:
+    """Which checkpoint to load as the separate frozen reference, or None.
+
+    None for LoRA (the adapter-disabled policy is the reference) and for full
+    fine-tuning with ``precompute_ref_log_probs`` against the starting policy
+    (TRL computes them with the policy before it trains).
+    """
+    if not settings.full_finetune:
+        return None
+    source = settings.ref_model or settings.model_name
+    if settings.precompute_ref_log_probs and source == settings.model_name:
+        return None
+    return source
 
 
 def write_settings(run_dir: str, settings: DPORunSettings, dynamic: DynamicBetaConfig) -> str:

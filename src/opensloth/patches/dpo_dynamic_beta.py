@@ -94,8 +94,11 @@ _LOSS_SOURCE_SNIPPETS = [
 
 
 @contextlib.contextmanager
-def capture_fused_log_probs(module):
-    """Collect ``output.log_probs`` (detached) of every forward of ``module`` inside the block."""
+def capture_fused_log_probs(*modules):
+    """Collect ``output.log_probs`` (detached) of every forward of ``modules`` inside the block, in call order.
+
+    None entries are skipped (no separate reference model).
+    """
     captured = []
 
     def hook(_module, _args, output):
@@ -103,11 +106,12 @@ def capture_fused_log_probs(module):
         if log_probs is not None:
             captured.append(log_probs.detach())
 
-    handle = module.register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook) for m in modules if m is not None]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
@@ -310,7 +314,8 @@ def _make_compute_loss(original):
         if runtime is None:
             return original(self, model, inputs, return_outputs)
         self.beta = runtime.beta  # fixed for every micro-batch of this optimizer step
-        with capture_fused_log_probs(self.model) as captured:
+        # The policy pass, then the reference pass: the adapter-disabled policy (LoRA) or the separate ref_model.
+        with capture_fused_log_probs(self.model, getattr(self, "ref_model", None)) as captured:
             result = original(self, model, inputs, return_outputs)
         margins = margins_from_log_probs(captured, inputs, self.precompute_ref_logps).double().cpu().tolist()
         check_loss_matches(result[0] if return_outputs else result, margins, self.beta, self.loss_weights[0])
