@@ -104,7 +104,14 @@ def main(argv: list[str] | None = None) -> None:
         from opensloth.patches.dpo_dynamic_beta import attach_dynamic_beta  # imports transformers: after setup
 
         margins_dir = settings.margins_log_dir or os.path.join(launch.run_dir, "logs", "margins")
-        runtime = attach_dynamic_beta(trainer, dynamic_cfg,
+        writer = None
+        if settings.reference_logs:  # the dynamic-DPO repositories' file names and keys, beside ours
+            from opensloth.dpo.reference_logs import ReferenceLogWriter
+
+            writer = ReferenceLogWriter(margins_dir, sample_size=settings.reference_log_sample,
+                                        fail_rule=("p_hat_above_delta" if settings.reference_variant == "dynamic-dpo-v1"
+                                                   else "risk_over"))
+        runtime = attach_dynamic_beta(trainer, dynamic_cfg, on_update=writer,
                                       margins_log_path=os.path.join(margins_dir, "margins.jsonl"))
     if launch.env.is_main:
         write_settings(launch.run_dir, settings, dynamic_cfg)

@@ -173,7 +173,7 @@ def _write_json_atomic(path: str, payload: dict) -> None:
 class DynamicBetaRuntime:
     """Controller, margin buffer and logs of one trainer (created by :func:`attach_dynamic_beta`)."""
 
-    def __init__(self, trainer, config: DynamicBetaConfig, margins_log_path: str):
+    def __init__(self, trainer, config: DynamicBetaConfig, margins_log_path: str, on_update=None):
         self.trainer = trainer
         self.controller = DynamicBetaController(config)
         self.pending: list[float] = []  # this rank's margins of the current optimizer step
@@ -181,6 +181,10 @@ class DynamicBetaRuntime:
         self.is_main = trainer.accelerator.is_main_process
         self.last_records: list[dict] = []
         self._log_file = None  # opened on first write (rank 0), flushed every step
+        # Extra writer called on rank 0 after every update (opensloth.dpo.reference_logs.ReferenceLogWriter).
+        self.on_update = on_update
+        self.epoch = 0  # 0-based epoch and the update's index within it, for on_update
+        self.index_in_epoch = 0
 
     @property
     def beta(self) -> float:
@@ -191,10 +195,16 @@ class DynamicBetaRuntime:
         """Buffer this rank's margins of one micro-batch (plain floats)."""
         self.pending.extend(margins)
 
-    def end_step(self, global_step: int) -> list[dict]:
+    def begin_epoch(self, epoch: float) -> None:
+        """The Trainer starts epoch ``floor(epoch)`` (its fractional epoch count so far)."""
+        self.epoch = math.floor(epoch + 1e-9)
+        self.index_in_epoch = 0
+
+    def end_step(self, global_step: int, epoch: float | None = None) -> list[dict]:
         """Gather the step's margins from every rank, update the controller, log. Returns the records."""
 
         local, self.pending = self.pending, []
+        beta_old, update = self.controller.beta, self.controller.step
         gathered = all_gather_object_list({"digest": self.controller.digest(), "margins": local})
         digests = [g["digest"] for g in gathered]
         if any(d != digests[0] for d in digests):
@@ -217,6 +227,11 @@ class DynamicBetaRuntime:
         self._append_log(records)
         self._push_metrics(records[-1])
         self.last_records = records
+        if self.on_update is not None and self.is_main:
+            self.on_update(epoch=self.epoch, index=self.index_in_epoch, update=update, margins=margins,
+                           records=records, beta_old=beta_old, config=self.controller.config,
+                           epoch_float=float(epoch if epoch is not None else self.epoch))
+        self.index_in_epoch += 1
         return records
 
     def _append_log(self, records: list[dict]) -> None:
@@ -230,10 +245,12 @@ class DynamicBetaRuntime:
         self._log_file.flush()
 
     def close(self) -> None:
-        """Close the margins JSONL (reopened in append mode on the next write)."""
+        """Close the margins JSONL (reopened in append mode on the next write) and the extra writer."""
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.on_update is not None and hasattr(self.on_update, "close"):
+            self.on_update.close()
 
     def _push_metrics(self, rec: dict) -> None:
         # TRL's log() averages every list in _metrics over the logging window and clears it.
@@ -272,6 +289,8 @@ class DynamicBetaRuntime:
         with open(path) as fh:
             self.controller.load_state_dict(json.load(fh))
         self.pending = []
+        if self.on_update is not None and hasattr(self.on_update, "append"):
+            self.on_update.append = True  # continue the extra logs of the interrupted run
         log_rank0(f"dynamic beta: resumed from {path} at step {self.controller.step} "
                   f"(phase={self.controller.phase}, beta={self.controller.beta:.6g})")
         self._append_log([{"type": "resume", "step": self.controller.step, "checkpoint": checkpoint_dir,
@@ -292,8 +311,11 @@ class DynamicBetaCallback(TrainerCallback):
                 "patched by patch_dpo_trainer_dynamic_beta, which restores the controller"
             )
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.runtime.begin_epoch(state.epoch or 0.0)
+
     def on_step_end(self, args, state, control, **kwargs):
-        self.runtime.end_step(state.global_step)
+        self.runtime.end_step(state.global_step, state.epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.runtime.close()
@@ -396,7 +418,8 @@ def _check_supported(trainer) -> None:
         raise ValueError("dynamic beta supports the plain sigmoid DPO loss only; got " + ", ".join(problems))
 
 
-def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path: str | None = None) -> DynamicBetaRuntime:
+def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path: str | None = None,
+                        on_update=None) -> DynamicBetaRuntime:
     """Give ``trainer`` a dynamic-beta controller. Call once, before ``train()``.
 
     Args:
@@ -404,6 +427,10 @@ def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path:
         config: controller settings (frozen; each trainer gets its own controller).
         margins_log_path: JSONL written by rank 0, one record per step;
             default ``<output_dir>/logs/margins/margins.jsonl``.
+        on_update: called on rank 0 after every update with keywords ``epoch``,
+            ``index``, ``update``, ``margins``, ``records``, ``beta_old``,
+            ``config``, ``epoch_float`` (e.g. a
+            :class:`opensloth.dpo.reference_logs.ReferenceLogWriter`).
 
     Returns:
         The :class:`DynamicBetaRuntime` (also stored on the trainer).
@@ -424,7 +451,7 @@ def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path:
     _check_supported(trainer)
     if margins_log_path is None:
         margins_log_path = os.path.join(trainer.args.output_dir, "logs", "margins", "margins.jsonl")
-    runtime = DynamicBetaRuntime(trainer, config, margins_log_path)
+    runtime = DynamicBetaRuntime(trainer, config, margins_log_path, on_update=on_update)
     setattr(trainer, RUNTIME_ATTR, runtime)
     trainer.beta = runtime.beta
     trainer.add_callback(DynamicBetaCallback(runtime))
