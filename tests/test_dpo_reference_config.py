@@ -67,7 +67,8 @@ def test_old_variant_keeps_its_meanings():
         120, 0.1, 0.9, 0.05, 0.05)
     assert (dynamic.beta_0, dynamic.gamma, dynamic.alpha, dynamic.beta_min, dynamic.beta_max) == (
         0.1, 2.0, 0.0015, 0.0, 2.0)
-    assert dynamic.risk_rule == "hoeffding"
+    assert (dynamic.preset, dynamic.risk_rule, dynamic.p_hat_inclusive, dynamic.beta_timing) == (
+        "reference", "hoeffding", True, "same_batch")
 
 
 def test_new_variant_keeps_its_meanings():
@@ -81,6 +82,7 @@ def test_new_variant_keeps_its_meanings():
     assert (settings.max_seq_length, settings.experiment_name, settings.reference_log_sample) == (
         1024, "trl-dynamic-beta", 64)
     assert (dynamic.ema_lambda, dynamic.alpha, dynamic.q, dynamic.risk_rule) == (0.1, 0.005, 0.9, "zscore")
+    assert (dynamic.preset, dynamic.p_hat_inclusive, dynamic.beta_timing) == ("reference_v1", True, "micro_batch")
 
 
 def test_flags_override_a_reference_config():

@@ -43,6 +43,9 @@ EVAL_STRATEGIES = ("steps", "epoch")
 MAX_GRAD_NORM_HELP = "clip the global gradient norm to this value each optimizer step (0: no clipping; TRL default)"
 WEIGHT_DECAY_HELP = "AdamW weight decay (transformers leaves biases and norm weights undecayed; TRL default 0)"
 LR_SCHEDULER_HELP = "learning-rate schedule after the warmup, a transformers SchedulerType name (TRL default linear)"
+FSDP_HELP = ("shard parameters, gradients and optimizer state over the ranks with FSDP2 (torchrun, >= 2 "
+             "processes): Unsloth's native FSDP2 on the unsloth backend (also on a gloo CPU mesh), the Trainer's "
+             "FSDP2 on hf (CUDA); see TRAINING_README 'FSDP'")
 MIXED_PRECISION_HELP = ("autocast: auto follows the weights dtype (bf16 weights -> bf16 autocast); bf16 / fp16 "
                         "autocast over float32 weights; no: none")
 
@@ -73,6 +76,68 @@ def check_optimizer_settings(settings) -> None:
             raise UserInputError(f"{name}={value} must be >= 0 (0 turns it off)")
     if settings.lr_scheduler_type not in LR_SCHEDULERS:
         raise UserInputError(f"lr_scheduler_type={settings.lr_scheduler_type!r} is not one of {LR_SCHEDULERS}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on", "native")
+
+
+def check_fsdp(settings, env: DistEnv, backend: str) -> bool:
+    """Decide whether this launch shards with FSDP2, before Unsloth is imported. Returns True if it does.
+
+    ``--fsdp`` (or ``UNSLOTH_FSDP2=1`` / an ``accelerate launch`` FSDP config in
+    the environment) needs several ranks. On the unsloth backend it sets
+    ``UNSLOTH_FSDP2=1`` so that Unsloth shards the model inside
+    ``Trainer.__init__``; Unsloth's model code imports its GPU kernels, so the
+    ``triton`` package must be importable (it imports on CPU machines too).
+
+    Raises:
+        UserInputError: one process, or the unsloth backend without triton.
+    """
+    requested = bool(getattr(settings, "fsdp", False)) or _env_true("UNSLOTH_FSDP2") or _env_true(
+        "ACCELERATE_USE_FSDP")
+    if not requested:
+        return False
+    if env.world_size < 2:
+        raise UserInputError("--fsdp shards over ranks: launch with torchrun --nproc_per_node >= 2 (or accelerate "
+                             "launch --config_file examples/fsdp.yaml); one process trains unsharded")
+    if backend == "unsloth":
+        if importlib.util.find_spec("triton") is None:
+            raise UserInputError("--fsdp on the unsloth backend uses Unsloth's native FSDP2, whose model code imports "
+                                 "triton; pip install triton (it imports on CPU too), or use --backend hf on GPUs")
+        if not _env_true("ACCELERATE_USE_FSDP"):
+            os.environ["UNSLOTH_FSDP2"] = "1"  # read by `import unsloth` and its Trainer.__init__ wrapper
+    return True
+
+
+def fsdp_trainer_kwargs(settings, backend: str) -> dict:
+    """``TrainingArguments`` keywords of the Trainer's own FSDP2 (hf backend with ``--fsdp``), else ``{}``.
+
+    Unsloth's native FSDP2 needs none (it shards inside ``Trainer.__init__``),
+    and an ``accelerate launch`` FSDP config brings its own plugin.
+    """
+    if backend != "hf":
+        return {}
+    if _env_true("ACCELERATE_USE_FSDP"):  # the accelerate config's plugin (and activation checkpointing) apply
+        return {"gradient_checkpointing": False}
+    if not getattr(settings, "fsdp", False):
+        return {}
+    return dict(
+        fsdp="full_shard auto_wrap",
+        fsdp_config={"fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                     "activation_checkpointing": not settings.no_gradient_checkpointing,
+                     "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False},
+        gradient_checkpointing=False,  # FSDP2 checkpoints activations itself (activation_checkpointing)
+    )
+
+
+def model_is_sharded(model) -> bool:
+    """True when ``model``'s parameters are FSDP2 shards (DTensors): saving is then a collective."""
+    if not hasattr(model, "parameters"):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def resolve_backend(name: str) -> str:
@@ -304,6 +369,7 @@ class Launch:
         device: this rank's ``torch.device`` (from :func:`ddp_patch`).
         run_dir: ``<output_dir>/<experiment_name>_ws<world_size>`` (training runs only).
         per_device: samples (or pairs) per micro-batch per rank (training runs only).
+        fsdp: the model is sharded with FSDP2 (:func:`check_fsdp`).
     """
 
     env: DistEnv
@@ -311,6 +377,7 @@ class Launch:
     device: Any
     run_dir: str | None = None
     per_device: int | None = None
+    fsdp: bool = False
 
     @property
     def world_size(self) -> int:
@@ -343,16 +410,25 @@ def setup_run(settings, unit: str = "samples") -> Launch:
     """
     env = distributed_env()
     check_model_source(settings.model_name)
-    resolve_backend(settings.backend)
+    backend = resolve_backend(settings.backend)
     per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
                                           settings.grad_accum, env.world_size)
+    fsdp = check_fsdp(settings, env, backend)
     launch = setup_backend(settings.backend)
+    if fsdp and launch.backend == "hf" and launch.device.type == "cpu" and not _env_true("UNSLOTH_FSDP2"):
+        raise UserInputError("--fsdp --backend hf uses the Trainer's FSDP2 (accelerate), which does not run on a CPU "
+                             "launch (accelerate would train plain DDP); on CPU use --backend unsloth (Unsloth's "
+                             "native FSDP2 shards on a gloo mesh), on GPUs keep --backend hf")
+    if fsdp:
+        log_rank0(f"FSDP2: {'Unsloth native (UNSLOTH_FSDP2=1)' if launch.backend == 'unsloth' else 'the Trainer'}"
+                  f" shards the model over {env.world_size} ranks")
     run_dir = run_dir_for(settings.output_dir, settings.experiment_name, env.world_size)
     log_rank0(
         f"effective global batch = {per_device} {unit} per device x {settings.grad_accum} accum x "
         f"{env.world_size} rank(s) = {per_device * settings.grad_accum * env.world_size}; run dir {run_dir}"
     )
-    return Launch(env=env, backend=launch.backend, device=launch.device, run_dir=run_dir, per_device=per_device)
+    return Launch(env=env, backend=launch.backend, device=launch.device, run_dir=run_dir, per_device=per_device,
+                  fsdp=fsdp)
 
 
 # --------------------------------------------------------------------------- trainer arguments, train, save
@@ -401,7 +477,7 @@ def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size:
         optim="adamw_torch",
         weight_decay=getattr(settings, "weight_decay", 0.0),
         max_grad_norm=getattr(settings, "max_grad_norm", 1.0),
-    )
+    ) | fsdp_trainer_kwargs(settings, backend)
 
 
 def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_checkpoint=None,
@@ -425,8 +501,12 @@ def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_check
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
     trainer.save_state()
+    sharded = model_is_sharded(getattr(trainer, "model", model))
+    if sharded:  # FSDP2: gathering the full weights is a collective; the Trainer's save_model does it (rank 0 writes)
+        trainer.save_model(run_dir)
     if trainer.is_world_process_zero():
-        model.save_pretrained(run_dir)
+        if not sharded:
+            model.save_pretrained(run_dir)
         tokenizer.save_pretrained(run_dir)
         if save_extra is not None:
             save_extra(run_dir)

@@ -35,6 +35,16 @@ for step ``t + 1``. So ``beta_t = beta_0`` for ``t <= warmup_steps`` and the
 first changed beta is used at step ``warmup_steps + 1``. This is the same for
 every layout (ranks x gradient accumulation x micro-batch).
 
+``beta_timing`` changes only when :meth:`DynamicBetaController.observe_step`
+is called and which beta the loss uses (``opensloth.patches.dpo_dynamic_beta``
+applies it; :func:`opensloth.dpo.timing.replay` states it as a pure function):
+``same_batch`` observes every micro-batch (margins gathered over the ranks)
+and uses the new beta in that micro-batch's loss, ``micro_batch`` observes
+every micro-batch and uses the new beta from the next one. ``warmup_steps``
+then counts micro-batches. The presets ``reference`` / ``reference_v1`` set the
+rule, ``q = 1 - delta``, ``p_hat_inclusive`` (``>=``) and the timing of the two
+reference repositories.
+
 Risk rules (``risk_rule``):
 
 - ``hoeffding`` -- the published rule. ``eps = sqrt(ln(1/eps0) / (2n))``,
@@ -65,6 +75,13 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable, Sequence
 
 RISK_RULES = ("hoeffding", "zscore", "hoeffding_deadband")
+# When beta is updated and from when the new beta is used (opensloth.patches.dpo_dynamic_beta applies it):
+# step: once per optimizer step from the whole global batch, used from the next step (layout-invariant);
+# same_batch: per micro-batch from its margins gathered over the ranks, used in that micro-batch's loss
+#   (SeanYHan888/dynamic_beta); micro_batch: per micro-batch, used from the next micro-batch (dynamic-dpo-v1).
+BETA_TIMINGS = ("step", "same_batch", "micro_batch")
+# Presets: the settings that make the controller reproduce a reference repository (see PRESET_VALUES).
+PRESETS = ("none", "reference", "reference_v1")
 PHASE_WARMUP = "warmup"
 PHASE_DYNAMIC = "dynamic"
 STATE_VERSION = 1
@@ -89,10 +106,22 @@ class DynamicBetaConfig:
     beta_max: float = field(default=2.0, metadata={"help": "upper clip of beta (finite, >= beta_0)."})
     risk_rule: str = field(default="hoeffding_deadband", metadata={"help": f"risk rule, one of {RISK_RULES}; see docs/dynamic_beta_rules.md."})
     deadband: float = field(default=1.0, metadata={"help": "hoeffding_deadband only: half-width of the dead-band in units of eps (>= 0)."})
+    p_hat_inclusive: bool = field(default=False, metadata={"help": "p_hat counts margins >= tau (the reference code) instead of > tau (at the start of LoRA training every margin is 0 = tau)."})
+    beta_timing: str = field(default="step", metadata={"help": f"one of {BETA_TIMINGS}: step = per optimizer step from the global batch, used from the next step; same_batch = per micro-batch, gathered over ranks, used in that micro-batch's loss; micro_batch = per micro-batch, used from the next one. warmup_steps counts updates."})
+    preset: str = field(default="none", metadata={"help": f"one of {PRESETS}: reference = SeanYHan888/dynamic_beta (hoeffding, q = 1 - delta, >=, same_batch); reference_v1 = dynamic-dpo-v1 (zscore, q = 1 - delta, >=, micro_batch)."})
 
     def __post_init__(self):
         def bad(name, why, fix):
             raise ValueError(f"DynamicBetaConfig.{name}={getattr(self, name)!r} {why}; {fix}")
+
+        if self.preset not in PRESETS:
+            bad("preset", f"is not one of {PRESETS}", "use reference, reference_v1 or none")
+        for name, value in preset_values(self.preset, self.delta).items():
+            default = next(f.default for f in fields(self) if f.name == name)
+            if getattr(self, name) not in (default, value):
+                bad(name, f"contradicts preset {self.preset!r}, which sets it to {value!r}",
+                    f"drop {name} or the preset")
+            object.__setattr__(self, name, value)  # frozen dataclass: the preset fills the fields once, here
 
         for name in ("beta_0", "q", "delta", "eps0", "ema_lambda", "gamma", "alpha", "beta_min", "beta_max", "deadband"):
             value = getattr(self, name)
@@ -122,6 +151,8 @@ class DynamicBetaConfig:
             bad("risk_rule", f"is not one of {RISK_RULES}", "pick one (hoeffding_deadband is neutral at the steady state)")
         if self.deadband < 0:
             bad("deadband", "must be >= 0", "use 1.0 (the Hoeffding bound) or 0 for no dead-band")
+        if self.beta_timing not in BETA_TIMINGS:
+            bad("beta_timing", f"is not one of {BETA_TIMINGS}", "step keeps every layout equivalent")
 
     @classmethod
     def from_dict(cls, values: dict) -> "DynamicBetaConfig":
@@ -136,6 +167,15 @@ class DynamicBetaConfig:
     def help_text(cls) -> str:
         """One line per field: name, default, help."""
         return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata.get('help', '')}" for f in fields(cls))
+
+
+def preset_values(preset: str, delta: float) -> dict:
+    """The fields a preset sets (``q`` follows ``delta``, as in the reference code: ``q = 1 - delta``)."""
+    if preset == "reference":
+        return {"risk_rule": "hoeffding", "q": 1.0 - delta, "p_hat_inclusive": True, "beta_timing": "same_batch"}
+    if preset == "reference_v1":
+        return {"risk_rule": "zscore", "q": 1.0 - delta, "p_hat_inclusive": True, "beta_timing": "micro_batch"}
+    return {}
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -170,10 +210,12 @@ def quantile(values: Sequence[float], q: float) -> float:
     return xs[lo] + frac * (xs[hi] - xs[lo])
 
 
-def empirical_over_threshold_proportion(margins: Sequence[float], tau: float) -> float:
-    """``p_hat``: fraction of ``margins`` strictly above ``tau`` (0.0 for no margins)."""
+def empirical_over_threshold_proportion(margins: Sequence[float], tau: float, inclusive: bool = False) -> float:
+    """``p_hat``: fraction of ``margins`` above ``tau`` (strictly, or ``>=`` with ``inclusive``; 0.0 for none)."""
     if not margins:
         return 0.0
+    if inclusive:
+        return sum(1 for m in margins if m >= tau) / len(margins)
     return sum(1 for m in margins if m > tau) / len(margins)
 
 
@@ -345,7 +387,7 @@ class DynamicBetaController:
             record.update(tau=self.tau, p_hat=None, risk_over=False, u=0.0, s=0.0, eps=None)
         elif finite:
             self.tau = self._ema.update(finite)
-            p_hat = empirical_over_threshold_proportion(finite, self.tau)
+            p_hat = empirical_over_threshold_proportion(finite, self.tau, cfg.p_hat_inclusive)
             risk = risk_test(p_hat, len(finite), delta=cfg.delta, eps0=cfg.eps0, rule=cfg.risk_rule, deadband=cfg.deadband)
             self.beta, s = update_beta(
                 self.beta, risk.u, alpha=cfg.alpha, gamma=cfg.gamma, beta_min=cfg.beta_min, beta_max=cfg.beta_max

@@ -220,6 +220,7 @@ _RULES: dict[str, dict[str, _Rule]] = {
         "dpo_training.save_dir": _to("output_dir", "checkpoint folder",
                                      note="checkpoints and the final model go to "
                                           "<save_dir>/<experiment_name>_ws<world_size>"),
+        "use_fsdp": _to("fsdp", "shard the policy with FSDP (their FSDP trainer, accelerate launch)"),
         "sft_training": _ignored("their SFT stage (train_sft.py)",
                                  "train_dpo.py runs DPO only; run the SFT stage with train_configurable.py and "
                                  "point policy_name / ref_name at its result"),
@@ -234,19 +235,21 @@ _IMPLIED: dict[str, dict[str, Any]] = {
     VARIANT_OLD: {
         "full_finetune": True, "grad_accum": 1, "lr_scheduler_type": "constant", "lr_warmup_steps": 0,
         "weight_decay": 0.01, "seed": 42, "hh_parser": "reference", "eval_strategy": "epoch",
-        "test_samples": 0, DYNAMIC + ".risk_rule": "hoeffding",
+        "test_samples": 0, DYNAMIC + ".preset": "reference",
     },
     VARIANT_NEW: {
         "full_finetune": True, "lr_scheduler_type": "linear", "weight_decay": 0.0,
         "seed": 42, "hh_parser": "reference", "eval_strategy": "steps", "max_seq_length": 1024, "test_samples": 0,
-        DYNAMIC + ".risk_rule": "zscore",
+        DYNAMIC + ".preset": "reference_v1",
     },
 }
 _IMPLIED_WHY = {
     VARIANT_OLD: "full fine-tuning against ref_name, constant LR without warmup, torch AdamW weight decay 0.01, "
-                 "seed 42, one evaluation per epoch on the val_ratio split, the Hoeffding risk rule",
+                 "seed 42, one evaluation per epoch on the val_ratio split; dynamic_beta.preset reference (Hoeffding, "
+                 "q = 1 - delta, p_hat with >=, beta updated from each batch and used in that batch's loss)",
     VARIANT_NEW: "full fine-tuning against ref_name, HF's linear LR schedule and weight decay 0, seed 42, "
-                 "max_length 1024, the z-score risk statistic",
+                 "max_length 1024; dynamic_beta.preset reference_v1 (z-score statistic, q = 1 - delta, p_hat with >=, "
+                 "beta updated per micro-batch and used from the next one, beta_warmup in micro-batches)",
 }
 
 

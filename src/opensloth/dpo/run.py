@@ -20,7 +20,7 @@ from opensloth.dpo.collator import LeftTruncatingPreferenceCollator
 from opensloth.dpo.controller import DynamicBetaConfig
 from opensloth.dpo.reference_config import is_reference_config, translate_reference_config
 from opensloth.errors import UserInputError
-from opensloth.launch import (BACKENDS, DEFAULT_MODEL, DEFAULT_PREFERENCE_DATASET, DTYPES, EVAL_STRATEGIES,
+from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_PREFERENCE_DATASET, DTYPES, EVAL_STRATEGIES,
                               LR_SCHEDULER_HELP, LR_SCHEDULERS, MAX_GRAD_NORM_HELP, MIXED_PRECISION,
                               MIXED_PRECISION_HELP, WEIGHT_DECAY_HELP, check_optimizer_settings, training_args_kwargs)
 from opensloth.log import log_rank0
@@ -86,6 +86,7 @@ class DPORunSettings:
                                           "default --model_name)")
     load_in_4bit: bool = setting(False, "4-bit base weights (needs bitsandbytes and CUDA)")
     no_gradient_checkpointing: bool = setting(False, "turn gradient checkpointing off")
+    fsdp: bool = setting(False, FSDP_HELP)
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs once before training (TRL option)")
     resume_from_checkpoint: str | None = setting(None, "checkpoint folder to resume from, or 'last' for the newest in the run dir")
     margins_log_dir: str | None = setting(None, "folder of the margins JSONL (default <run_dir>/logs/margins)")

@@ -41,6 +41,7 @@ import json
 import math
 import os
 
+import torch
 from transformers import TrainerCallback
 
 from opensloth.atomic import write_json_atomic
@@ -94,17 +95,18 @@ _LOSS_SOURCE_SNIPPETS = [
 
 
 @contextlib.contextmanager
-def capture_fused_log_probs(*modules):
-    """Collect ``output.log_probs`` (detached) of every forward of ``modules`` inside the block, in call order.
+def capture_fused_log_probs(*modules, keep_graph: bool = False):
+    """Collect ``output.log_probs`` of every forward of ``modules`` inside the block, in call order.
 
-    None entries are skipped (no separate reference model).
+    Detached unless ``keep_graph`` (the ``same_batch`` timing rebuilds the loss
+    from them). None entries are skipped (no separate reference model).
     """
     captured = []
 
     def hook(_module, _args, output):
         log_probs = getattr(output, "log_probs", None)
         if log_probs is not None:
-            captured.append(log_probs.detach())
+            captured.append(log_probs if keep_graph else log_probs.detach())
 
     handles = [m.register_forward_hook(hook) for m in modules if m is not None]
     try:
@@ -200,27 +202,44 @@ class DynamicBetaRuntime:
         self.epoch = math.floor(epoch + 1e-9)
         self.index_in_epoch = 0
 
+    @property
+    def per_micro_batch(self) -> bool:
+        """The timings that update beta inside every ``_compute_loss`` call instead of at the step boundary."""
+        return self.controller.config.beta_timing != "step"
+
     def end_step(self, global_step: int, epoch: float | None = None) -> list[dict]:
         """Gather the step's margins from every rank, update the controller, log. Returns the records."""
-
         local, self.pending = self.pending, []
-        beta_old, update = self.controller.beta, self.controller.step
-        gathered = all_gather_object_list({"digest": self.controller.digest(), "margins": local})
-        digests = [g["digest"] for g in gathered]
-        if any(d != digests[0] for d in digests):
-            raise RuntimeError(f"dynamic-beta controller state differs across ranks: {digests}")
         if self.controller.step != global_step - 1:
             raise RuntimeError(
                 f"dynamic-beta controller has seen {self.controller.step} steps but the trainer finished "
                 f"step {global_step}; was the controller state restored on resume?"
             )
+        return self._update(local, global_step, epoch)
+
+    def update_micro_batch(self, local: list[float]) -> list[dict]:
+        """``same_batch`` / ``micro_batch`` timings: update from this micro-batch's margins, gathered over ranks.
+
+        Every rank calls it once per training micro-batch (a collective), inside ``_compute_loss``.
+        """
+        state = self.trainer.state
+        return self._update(local, state.global_step + 1, state.epoch)
+
+    def _update(self, local: list[float], global_step: int, epoch: float | None) -> list[dict]:
+        beta_old, update = self.controller.beta, self.controller.step
+        gathered = all_gather_object_list({"digest": self.controller.digest(), "margins": local})
+        digests = [g["digest"] for g in gathered]
+        if any(d != digests[0] for d in digests):
+            raise RuntimeError(f"dynamic-beta controller state differs across ranks: {digests}")
         margins = [m for g in gathered for m in g["margins"]]  # rank order, then micro-batch order
         records = self.controller.observe_step(margins)
         for rec in records:
             rec["global_step"] = global_step
             if rec["type"] == "warmup_end":
-                log_rank0(f"dynamic beta: warmup ended at step {global_step}, tau_0={rec['tau_0']:.6g} "
-                          f"from {rec['n_warmup_margins']} margins")
+                log_rank0(f"dynamic beta: warmup ended at step {global_step} (update {update}), "
+                          f"tau_0={rec['tau_0']:.6g} from {rec['n_warmup_margins']} margins")
+        if self.controller.config.beta_timing == "same_batch":
+            records[-1]["beta_used"] = records[-1]["beta_next"]  # this micro-batch's loss uses the new beta
         if records[-1]["n_nonfinite"]:
             warn_rank0(f"dynamic beta: step {global_step} had {records[-1]['n_nonfinite']} NaN/inf margins; "
                        "they were left out of tau and p_hat")
@@ -304,7 +323,7 @@ class DynamicBetaCallback(TrainerCallback):
         self.runtime = runtime
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.runtime.controller.step != state.global_step:
+        if not self.runtime.per_micro_batch and self.runtime.controller.step != state.global_step:
             raise RuntimeError(
                 f"dynamic-beta controller is at step {self.runtime.controller.step} but training starts at "
                 f"step {state.global_step}; resume with trainer.train(resume_from_checkpoint=...) on a trainer "
@@ -315,7 +334,8 @@ class DynamicBetaCallback(TrainerCallback):
         self.runtime.begin_epoch(state.epoch or 0.0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.runtime.end_step(state.global_step, state.epoch)
+        if not self.runtime.per_micro_batch:
+            self.runtime.end_step(state.global_step, state.epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.runtime.close()
@@ -335,15 +355,29 @@ def _make_compute_loss(original):
         runtime = getattr(self, RUNTIME_ATTR, None)
         if runtime is None:
             return original(self, model, inputs, return_outputs)
-        self.beta = runtime.beta  # fixed for every micro-batch of this optimizer step
+        training = self.model.training
+        same_batch = training and runtime.controller.config.beta_timing == "same_batch"
+        self.beta = runtime.beta  # step timing: fixed for every micro-batch of this optimizer step
         # The policy pass, then the reference pass: the adapter-disabled policy (LoRA) or the separate ref_model.
-        with capture_fused_log_probs(self.model, getattr(self, "ref_model", None)) as captured:
+        with capture_fused_log_probs(self.model, getattr(self, "ref_model", None), keep_graph=same_batch) as captured:
             result = original(self, model, inputs, return_outputs)
-        margins = margins_from_log_probs(captured, inputs, self.precompute_ref_logps).double().cpu().tolist()
+        margin_tensor = margins_from_log_probs(captured, inputs, self.precompute_ref_logps)
+        margins = margin_tensor.detach().double().cpu().tolist()
         check_loss_matches(result[0] if return_outputs else result, margins, self.beta, self.loss_weights[0])
-        if self.model.training:
+        if not training:
+            return result  # evaluation never moves the controller
+        if not runtime.per_micro_batch:
             runtime.add_margins(margins)
-        return result
+            return result
+        runtime.update_micro_batch(margins)  # collective: every rank's margins of this micro-batch
+        if not same_batch:
+            return result  # micro_batch: the new beta applies from the next micro-batch
+        # same_batch: this micro-batch's loss uses the beta just computed from its own margins, with TRL's
+        # arithmetic (-logsigmoid(beta * M), mean, loss weight) on the same graph. TRL's rewards/* metrics of
+        # this call were logged with the previous beta.
+        self.beta = runtime.beta
+        loss = (-torch.nn.functional.logsigmoid(self.beta * margin_tensor)).mean() * self.loss_weights[0]
+        return (loss, *result[1:]) if return_outputs else loss
 
     return _compute_loss
 

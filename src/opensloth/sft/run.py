@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from opensloth.cache import sft_dataset_kwargs
 from opensloth.config import Section, resolve, setting
 from opensloth.errors import UserInputError
-from opensloth.launch import (BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, LR_SCHEDULER_HELP, LR_SCHEDULERS,
+from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, LR_SCHEDULER_HELP, LR_SCHEDULERS,
                               MAX_GRAD_NORM_HELP, WEIGHT_DECAY_HELP, check_model_source, check_optimizer_settings,
                               model_dtype_name, training_args_kwargs)
 from opensloth.log import log_rank0
@@ -69,6 +69,7 @@ class SFTSettings:
     assistant_only_loss: bool = setting(False, "train only on assistant turns (needs {% generation %} markers in "
                                                "the chat template)")
     no_gradient_checkpointing: bool = setting(False, "turn gradient checkpointing off")
+    fsdp: bool = setting(False, FSDP_HELP)
     skip_prepare: bool = setting(False, "train from a tokenized dataset written by precompute_dataset.py")
     prepared_dataset_path: str | None = setting(None, "folder with train/ (and val/) from precompute_dataset.py; "
                                                       "needs --skip_prepare")
