@@ -1,87 +1,129 @@
-"""User template: Qwen3 LoRA SFT with Unsloth on N GPUs (or CPU ranks) with opensloth.
+"""Template: LoRA SFT of a Qwen3 model with Unsloth + TRL on 1 or N ranks, in the original OpenSloth's shape.
 
-Copy this file and edit the CONFIG block.
+    python examples/qwen_sft.py                          # 1 process: embedded tiny model and data, CPU is fine
+    torchrun --nproc_per_node=4 examples/qwen_sft.py     # 4 GPUs (or 4 CPU ranks over gloo)
+    MAX_STEPS=5 OUTPUT_DIR=/tmp/runs python examples/qwen_sft.py
 
-    torchrun --nproc_per_node=4 examples/qwen_sft.py                  # 4 GPUs
-    MODEL=unsloth/Qwen3-0.6B DATASET=trl-lib/Capybara torchrun --nproc_per_node=8 examples/qwen_sft.py
-    python examples/qwen_sft.py                                       # 1 process, embedded tiny model
+Copy it and edit the constants. For the original's real run: MODEL_NAME =
+"unsloth/Qwen3-0.6B-bnb-4bit", LOAD_IN_4BIT = True, DATASET = "trl-lib/Capybara",
+MAX_SEQ_LENGTH = 4096, NUM_EPOCHS = 5, MAX_STEPS = -1.
 
-The order matters: import Unsloth first, then call ddp_patch() before any
-model is created, then load the model onto this rank's device.
+The order matters: Unsloth is imported first (it patches transformers and TRL
+when imported); ``ddp_patch()`` runs before the model exists (it picks this
+rank's device, creates the gloo/nccl group and fixes the loss scaling); the
+optional ``patch_optimize_sft_trainer_batch_samples()`` packs every step and
+balances it across ranks.
+
+What changed against the original's example, and why: TRL renamed
+``SFTConfig(max_seq_length=)`` to ``max_length`` and ``tokenizer=`` to
+``processing_class=``; the device comes from ``ddp_patch()`` (CPU works); the
+adapter is saved at the end (the original kept only checkpoints); and a run
+dir that already holds a run is refused instead of overwritten.
 """
 
 import os
+import sys
 
-import unsloth  # noqa: F401  (must be the first heavy import)
+from unsloth import FastLanguageModel  # first: Unsloth patches transformers and TRL on import
 
-from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
-from opensloth.patches.ddp import ddp_patch
+from trl import SFTConfig, SFTTrainer
 
-device = ddp_patch()  # cuda:{LOCAL_RANK} on GPUs, cpu otherwise; gloo/nccl; loss-scaling fix
-patch_optimize_sft_trainer_batch_samples()  # pack + balance each step across ranks (optional)
+from opensloth.data import load_records
+from opensloth.distributed import distributed_env
+from opensloth.errors import run_cli
+from opensloth.launch import claim_run_dir
+from opensloth.patching.ddp_patch import ddp_patch, patch_optimize_sft_trainer_batch_samples
 
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-from unsloth import FastLanguageModel  # noqa: E402
-
-from opensloth.data import load_records  # noqa: E402
-from opensloth.distributed import distributed_env  # noqa: E402
-
-# ---- CONFIG -----------------------------------------------------------------------------------
-MODEL = os.environ.get("MODEL", "data/tiny-qwen3")  # e.g. unsloth/Qwen3-0.6B (hub) or a local folder
-DATASET = os.environ.get("DATASET", "data/sft")  # e.g. trl-lib/Capybara, a .jsonl file, or a folder
-SPLIT = os.environ.get("SPLIT", "train")  # slicing works: train[:1%]
+# ------------------------------------------------------------------ hyperparameters
+MODEL_NAME = os.environ.get("MODEL_NAME", "data/tiny-qwen3")  # local folder or hub id
+LOAD_IN_4BIT = False  # True needs bitsandbytes and CUDA
+DATASET = os.environ.get("DATASET", "data/sft")  # chat "messages" records: folder, .jsonl, or hub id
 MAX_SEQ_LENGTH = 1024
-GLOBAL_BATCH = 16  # kept fixed whatever the number of ranks, so runs are comparable
+NUM_EPOCHS = 1
+MAX_STEPS = int(os.environ.get("MAX_STEPS", "20"))  # -1: train NUM_EPOCHS
+TRAIN_SAMPLES = 256
+VAL_SAMPLES = 16  # 0: no evaluation
+LEARNING_RATE = 2e-4
+PER_DEVICE_BATCH_SIZE = 4
 GRAD_ACCUM = 1
-MAX_STEPS = int(os.environ.get("MAX_STEPS", "20"))
-LOAD_IN_4BIT = os.environ.get("LOAD_IN_4BIT", "0") == "1"  # needs bitsandbytes + CUDA
+EXPERIMENT_NAME = "qwen_sft"
 OUTPUT_DIR = os.environ.get("OUTPUT_DIR", "outputs")
-# -----------------------------------------------------------------------------------------------
 
-env = distributed_env()
-per_device = GLOBAL_BATCH // (env.world_size * GRAD_ACCUM)
 
-model, tokenizer = FastLanguageModel.from_pretrained(
-    model_name=MODEL,
-    max_seq_length=MAX_SEQ_LENGTH,
-    load_in_4bit=LOAD_IN_4BIT,
-    device_map={"": str(device)},  # one full copy per rank: this is DDP, not model parallelism
-)
-model = FastLanguageModel.get_peft_model(
-    model, r=8, lora_alpha=16, lora_dropout=0.0, bias="none",
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    use_gradient_checkpointing="unsloth", random_state=3407,
-)
+def init_model(device):
+    """The base model on this rank's device, with LoRA adapters (same init on every rank)."""
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=MODEL_NAME,
+        max_seq_length=MAX_SEQ_LENGTH,
+        load_in_4bit=LOAD_IN_4BIT,
+        device_map={"": str(device)},  # a full copy per rank: DDP, not model parallelism
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        use_gradient_checkpointing="unsloth",
+        random_state=42,
+    )
+    return model, tokenizer
 
-dataset = load_records(DATASET, SPLIT)
-dataset = dataset.map(
-    lambda ex: {"text": tokenizer.apply_chat_template(ex["messages"], tokenize=False)},
-    remove_columns=dataset.column_names,
-)
 
-run_dir = os.path.join(OUTPUT_DIR, f"qwen_sft_ws{env.world_size}")
-trainer = SFTTrainer(
-    model=model,
-    processing_class=tokenizer,
-    train_dataset=dataset,
-    args=SFTConfig(
+def prepare_datasets(tokenizer):
+    """The first TRAIN_SAMPLES records for training and the next VAL_SAMPLES for evaluation, as chat text."""
+    train_dataset = load_records(DATASET, f"train[:{TRAIN_SAMPLES}]")
+    val_dataset = (load_records(DATASET, f"train[{TRAIN_SAMPLES}:{TRAIN_SAMPLES + VAL_SAMPLES}]")
+                   if VAL_SAMPLES > 0 else None)
+
+    def to_text(batch):
+        return {"text": [tokenizer.apply_chat_template(m, tokenize=False) for m in batch["messages"]]}
+
+    train_dataset = train_dataset.map(to_text, batched=True, remove_columns=train_dataset.column_names)
+    if val_dataset is not None:
+        val_dataset = val_dataset.map(to_text, batched=True, remove_columns=val_dataset.column_names)
+    return train_dataset, val_dataset
+
+
+def build_trainer(model, tokenizer, train_dataset, val_dataset, world_size, run_dir):
+    config = SFTConfig(
         output_dir=run_dir,
-        per_device_train_batch_size=per_device,
+        run_name=os.path.basename(run_dir),
+        per_device_train_batch_size=PER_DEVICE_BATCH_SIZE,
         gradient_accumulation_steps=GRAD_ACCUM,
+        num_train_epochs=NUM_EPOCHS,
         max_steps=MAX_STEPS,
-        learning_rate=2e-3,
+        learning_rate=LEARNING_RATE,
         logging_steps=1,
+        eval_strategy="steps" if val_dataset is not None else "no",
+        eval_steps=10,
+        save_strategy="no",  # the adapter is saved once at the end
+        report_to=["tensorboard"],
         max_length=MAX_SEQ_LENGTH,
         dataset_text_field="text",
-        padding_free=False,  # the batch patch packs; unset, Unsloth's GPU path would choose per data
+        padding_free=False,  # the batch patch packs; left unset, Unsloth's GPU path decides per dataset
         seed=3407,
-        report_to=["tensorboard"],
-        save_strategy="no",
-        ddp_find_unused_parameters=False if env.world_size > 1 else None,
-    ),
-)
-trainer.train()
-trainer.save_state()
-if trainer.is_world_process_zero():
-    model.save_pretrained(run_dir)
-    tokenizer.save_pretrained(run_dir)
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+    )
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset,
+                      eval_dataset=val_dataset, args=config)
+
+
+def main(argv=None):
+    env = distributed_env()  # RANK / LOCAL_RANK / WORLD_SIZE, checked
+    run_dir = claim_run_dir(OUTPUT_DIR, EXPERIMENT_NAME, env.world_size)  # before any rank writes
+    device = ddp_patch()  # cuda:LOCAL_RANK on GPUs, cpu otherwise
+    patch_optimize_sft_trainer_batch_samples()  # optional: pack and balance each step across ranks
+
+    model, tokenizer = init_model(device)
+    train_dataset, val_dataset = prepare_datasets(tokenizer)
+    trainer = build_trainer(model, tokenizer, train_dataset, val_dataset, env.world_size, run_dir)
+    trainer.train()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(run_dir)  # the LoRA adapter
+        tokenizer.save_pretrained(run_dir)
+        print(f"adapter saved to {run_dir}; merge it with: python -m opensloth.export {run_dir} {run_dir}_merged")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from unsloth import FastLanguageModel  # noqa: F401
         from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
-        import opensloth.dpo.trainer  # noqa: F401
+        import opensloth.patches.dpo_dynamic_beta  # noqa: F401
         import opensloth.patches.batch_samples  # noqa: F401
         import opensloth.patches.ddp  # noqa: F401
         import opensloth.patches.unsloth_compat  # noqa: F401

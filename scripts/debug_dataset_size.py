@@ -4,7 +4,7 @@
         --world_size 2 --per_device_batch_size 8 --grad_accum 2
     python scripts/debug_dataset_size.py --format preference --dataset data/formats/hh_sample.jsonl \
         --max_seq_length 256 --max_prompt_length 128
-    python scripts/debug_dataset_size.py --prepared_dataset_path data/precomputed/tiny-sft --world_size 8
+    python scripts/debug_dataset_size.py --prepared_dataset_path outputs/precomputed/tiny-sft --world_size 8
 
 For chat data the stages are: loaded -> bad structure / empty (dropped) ->
 tokenized and truncated to --max_seq_length (kept, shortened) -> nothing left

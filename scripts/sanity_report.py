@@ -2,7 +2,7 @@
 
     python scripts/sanity_report.py --root outputs/sanity --tasks sft dpo --tolerance 1e-3 --png sanity.png
 
-For every task it reads ``<root>/<task>_<label>_ws<N>/trainer_state.json``
+For every task it reads ``<root>/<task>_<label>_ws<N>[_nopatches]/trainer_state.json``
 (per-step ``loss`` and ``eval_loss``) and, for DPO, the beta trajectory from
 ``logs/margins/margins.jsonl``; prints a table of the maximum deviation of
 each run from its 1-process reference (``<task>_<label>_ws1`` when that run
@@ -21,10 +21,15 @@ import sys
 REFERENCE = "plain_ws1"
 
 
-def _runs(root: str, task: str) -> list[str]:
-    names = [d for d in os.listdir(root) if d.startswith(f"{task}_") and os.path.isdir(os.path.join(root, d))]
+NO_PATCHES_SUFFIX = "_nopatches"  # train scripts add it to the run dir of a --no_patches run
+
+
+def _runs(root: str, task: str) -> dict[str, str]:
+    """Run name (``<task>_<label>_ws<N>``, as in walltimes.tsv) -> its folder, in report order."""
+    folders = [d for d in os.listdir(root) if d.startswith(f"{task}_") and os.path.isdir(os.path.join(root, d))]
+    names = {d.removesuffix(NO_PATCHES_SUFFIX): d for d in folders}
     order = {"plain_ws1": 0, "patched_ws1": 1, "patched_ws2": 2, "patched_ws4": 3, "plain_ws4": 4}
-    return sorted(names, key=lambda n: (order.get(n[len(task) + 1:], 9), n))
+    return {n: names[n] for n in sorted(names, key=lambda n: (order.get(n[len(task) + 1:], 9), n))}
 
 
 def _series(run_dir: str, key: str) -> dict[int, float]:
@@ -75,10 +80,10 @@ def main() -> int:
         for name in names:
             label = name[len(task) + 1:].rsplit("_ws", 1)[0]
             ref_name = f"{task}_{label}_ws1" if f"{task}_{label}_ws1" in names else f"{task}_{REFERENCE}"
-            ref_dir = os.path.join(args.root, ref_name)
+            ref_dir = os.path.join(args.root, names[ref_name])
             ref = {k: _series(ref_dir, k) for k in ("loss", "eval_loss")}
             ref_beta = _beta(ref_dir)
-            run_dir = os.path.join(args.root, name)
+            run_dir = os.path.join(args.root, names[name])
             cur = {k: _series(run_dir, k) for k in ("loss", "eval_loss")}
             beta = _beta(run_dir)
             curves[name] = (cur["loss"], cur["eval_loss"], beta)

@@ -537,3 +537,17 @@ def test_cache_key_params_must_be_plain_values(tmp_path):
     simple_cache_dataset_wrapper(cache_dir=str(tmp_path), max_seq_length=128, opts={"a": [1, 2]})
     with pytest.raises(TypeError, match=r"cache_key_params\['collator'\]"):
         simple_cache_dataset_wrapper(cache_dir=str(tmp_path), collator=object())
+
+
+def test_default_cache_dir_is_a_user_cache_never_the_data_folder(monkeypatch, tmp_path):
+    from opensloth.cache import CACHE_DIR_ENV, DatasetCacheConfig, default_cache_dir
+
+    assert default_cache_dir({CACHE_DIR_ENV: "/x/y", "XDG_CACHE_HOME": "/z"}) == "/x/y"
+    assert default_cache_dir({"XDG_CACHE_HOME": "/z"}) == "/z/opensloth/datasets"
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path / ".cache" / "opensloth" / "datasets")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "c"))
+    assert DatasetCacheConfig().cache_dir == str(tmp_path / "c")
+    assert "data" not in default_cache_dir({}).split("/")[-2:]

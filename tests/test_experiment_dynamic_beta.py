@@ -40,7 +40,7 @@ def test_frontier_at_hand_values():
 
 def test_rewards_hand_values():
     args = E.parse_args(["--num_prompts", "2", "--vocab", "6", "--good_set_size", "2"])
-    world = E.make_world(args)
+    world = E.make_world(args, "filler")
     g0 = world.good_sets[0]
     bad = next(t for t in range(2, world.vocab + 1) if t not in g0)
     F = E.FILLER
@@ -48,8 +48,41 @@ def test_rewards_hand_values():
     tokens = torch.tensor([[g0[0], bad, F, g0[1]] + [E.EOS] * (world.max_len - 4)])
     prompts, lengths = torch.tensor([0]), torch.tensor([4])
     # gold: 2 good of 4 tokens - penalty * 4; proxy: 2 good of 3 content tokens + bonus * 4
-    assert float(E.gold_reward(world, prompts, tokens, lengths)) == pytest.approx(0.5 - 4 * args.len_penalty)
-    assert float(E.proxy_reward(world, prompts, tokens, lengths)) == pytest.approx(2 / 3 + 4 * args.len_bonus)
+    assert float(E.gold_reward(world, prompts, tokens, lengths)) == pytest.approx(0.5 - 4 * world.len_penalty)
+    assert float(E.proxy_reward(world, prompts, tokens, lengths)) == pytest.approx(2 / 3 + 4 * world.len_bonus)
+
+
+def test_repetition_rewards_hand_values():
+    args = E.parse_args(["--num_prompts", "2", "--vocab", "6", "--good_set_size", "2"])
+    world = E.make_world(args, "repetition")
+    g0 = world.good_sets[0]
+    bad = next(t for t in range(2, world.vocab + 1) if t not in g0)
+    # [good, good (repeat), good (repeat), bad, good'] (length 5): 2 fresh good tokens, 3 fresh tokens
+    tokens = torch.tensor([[g0[0], g0[0], g0[0], bad, g0[1]] + [E.EOS] * (world.max_len - 5)])
+    prompts, lengths = torch.tensor([0]), torch.tensor([5])
+    assert E.repeat_mask(tokens)[0, :5].tolist() == [False, True, True, False, False]
+    assert float(E.gold_reward(world, prompts, tokens, lengths)) == pytest.approx(2 / 5 - 5 * world.len_penalty)
+    assert float(E.proxy_reward(world, prompts, tokens, lengths)) == pytest.approx(2 / 3 + 5 * world.len_bonus)
+    # the proxy is blind to repetition: the same response without repeats scores the same minus the length bonus
+    short = torch.tensor([[g0[0], bad, g0[1]] + [E.EOS] * (world.max_len - 3)])
+    assert float(E.proxy_reward(world, prompts, short, torch.tensor([3]))) == pytest.approx(2 / 3 + 3 * world.len_bonus)
+
+
+def test_generators_write_the_blind_spot_token():
+    args = E.parse_args([])
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.arange(2000) % args.num_prompts
+    filler = E.make_world(args, "filler")
+    tokens, lengths = E.generator_sample(filler, prompts, gen)
+    assert (tokens == E.FILLER).sum() > 0 and not E.repeat_mask(tokens).all()
+    rep = E.make_world(args, "repetition")
+    tokens, lengths = E.generator_sample(rep, prompts, gen)
+    assert (tokens == E.FILLER).sum() == 0  # FILLER only exists in the filler world
+    inside = torch.arange(rep.max_len)[None, :] < lengths[:, None]
+    share = float((E.repeat_mask(tokens) & inside).sum() / inside.sum())
+    # p_repeat 0.15 per content token (repeated) plus chance repeats of equal tokens: between 0.1 and 0.3
+    assert 0.1 < share < 0.3
+    assert ((tokens != E.EOS) == inside).all()  # responses are EOS-padded exactly after their length
 
 
 def test_sequence_logp_matches_token_by_token_sum():
@@ -80,15 +113,19 @@ def test_sequence_logp_matches_token_by_token_sum():
 @pytest.mark.slow
 def test_quick_run_outputs(tmp_path):
     out = tmp_path / "out"
-    proc = run(["python", SCRIPT, "--quick", "--out_dir", str(out)], timeout=300)
+    proc = run(["python", SCRIPT, "--quick", "--out_dir", str(out)], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("results.json", "table.md", "dynamic_beta_frontier.png", "dynamic_beta_traces.png",
-                 "dynamic_beta_training.png"):
+                 "dynamic_beta_signals.png"):
         assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
-    runs, max_len = data["runs"], data["world"]["max_len"]
+    runs, max_len = data["runs"], data["worlds"]["filler"]["max_len"]
     assert {r["name"] for r in runs} == {s["name"] for s in data["specs"]}
-    assert len(runs) == len(data["specs"]) * len(data["args"]["seeds"])
+    assert {r["world"] for r in runs} == {"filler", "repetition"}
+    assert len(runs) == len(data["specs"]) * len(data["args"]["seeds"]) * 2
+    rules = {s["controller"]["risk_rule"] for s in data["specs"] if s["controller"]}
+    assert rules == {"hoeffding", "zscore", "hoeffding_deadband", "beta_dpo", "beta_dpo_filter", "kl_target",
+                     "calibration_floor"}
 
     for r in runs:
         assert r["checkpoints"][0]["kl"] == 0.0  # the policy starts as an exact copy of the reference
@@ -103,13 +140,17 @@ def test_quick_run_outputs(tmp_path):
         cfg = spec["controller"]
         for s in r["steps"]:
             assert math.isfinite(s["beta"]) and cfg["beta_min"] <= s["beta"] <= cfg["beta_max"], s
+            acts_in_warmup = cfg["risk_rule"] in ("beta_dpo", "beta_dpo_filter", "kl_target")
             if s["step"] < cfg["warmup_steps"]:
-                assert s["beta"] == cfg["beta_0"] and s["p_hat"] is None
+                assert s["p_hat"] is None
+                assert acts_in_warmup or s["beta"] == cfg["beta_0"]
             else:
                 assert 0.0 <= s["p_hat"] <= 1.0 and math.isfinite(s["tau"])
+        if cfg["risk_rule"] == "beta_dpo_filter":
+            assert 0.5 < sum(s["kept_frac"] for s in r["steps"]) / len(r["steps"]) <= 1.0
 
-    def final_kl(name):
-        kls = [r["checkpoints"][-1]["kl"] for r in runs if r["name"] == name]
+    def final_kl(name, world="filler"):
+        kls = [r["checkpoints"][-1]["kl"] for r in runs if r["name"] == name and r["world"] == world]
         return sum(kls) / len(kls)
 
     # the fixed-beta sweep: a weaker KL penalty ends further from the reference
@@ -117,4 +158,5 @@ def test_quick_run_outputs(tmp_path):
     assert final_kl("fixed beta=0.1") > final_kl("fixed beta=1") + 0.5
     assert final_kl("fixed beta=0.01") > final_kl("fixed beta=0.1") - 0.5  # both small: nearly the same run
     table = (out / "table.md").read_text()
-    assert "fixed beta=0.01" in table and "dynamic-fast zscore" in table
+    assert "fixed beta=0.01" in table and "dynamic beta_0=0.01 calibration_floor" in table
+    assert "Summary per rule" in table and "Wall time" in table

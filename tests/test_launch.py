@@ -72,3 +72,35 @@ def test_lora_settings_validate():
         LoraSettings(r=0)
     with pytest.raises(UserInputError, match="target_modules"):
         LoraSettings(target_modules=())
+
+
+def test_run_dir_names_keep_patched_and_unpatched_runs_apart(tmp_path):
+    from opensloth.launch import run_dir_for
+
+    assert run_dir_for("o", "exp", 4) == "o/exp_ws4"
+    assert run_dir_for("o", "exp", 4, no_patches=True) == "o/exp_ws4_nopatches"  # the original's suffix
+
+
+def test_a_run_never_overwrites_another_but_may_resume_itself(tmp_path):
+    from opensloth.launch import claim_run_dir
+
+    out = str(tmp_path)
+    assert claim_run_dir(out, "exp", 2) == str(tmp_path / "exp_ws2")  # nothing there yet
+    (tmp_path / "exp_ws2" / "runs").mkdir(parents=True)  # TensorBoard files of a run that died early
+    assert claim_run_dir(out, "exp", 2) == str(tmp_path / "exp_ws2")
+    (tmp_path / "exp_ws2" / "checkpoint-4").mkdir()
+    (tmp_path / "exp_ws2" / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(UserInputError, match=r"exp_ws2 already holds a run \(adapter_model.safetensors, "
+                                             r"checkpoint-4\).*--experiment_name"):
+        claim_run_dir(out, "exp", 2)
+    # Resuming that run, into its own folder, stays possible.
+    assert claim_run_dir(out, "exp", 2, resume_from_checkpoint="last") == str(tmp_path / "exp_ws2")
+    inside = str(tmp_path / "exp_ws2" / "checkpoint-4")
+    assert claim_run_dir(out, "exp", 2, resume_from_checkpoint=inside) == str(tmp_path / "exp_ws2")
+    # Resuming another run's checkpoint does not license overwriting this one.
+    (tmp_path / "other_ws2" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(UserInputError, match="already holds a run"):
+        claim_run_dir(out, "exp", 2, resume_from_checkpoint=str(tmp_path / "other_ws2" / "checkpoint-2"))
+    # Other world sizes and the unpatched run have folders of their own.
+    assert claim_run_dir(out, "exp", 1) == str(tmp_path / "exp_ws1")
+    assert claim_run_dir(out, "exp", 2, no_patches=True) == str(tmp_path / "exp_ws2_nopatches")

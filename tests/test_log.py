@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from opensloth.log import log_all_ranks, log_rank0
+from opensloth.log import log_all_ranks, log_rank0, warn_once
 
 
 def test_messages_follow_the_current_stderr(monkeypatch):
@@ -28,3 +28,12 @@ def test_rank0_only(monkeypatch):
         log_rank0("hidden")
         log_all_ranks("shown")
     assert "hidden" not in out.getvalue() and "[opensloth rank 1] INFO: shown" in out.getvalue()
+
+
+def test_warn_once(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    warn_once("an old argument was used", key="test-warn-once")
+    warn_once("an old argument was used (again)", key="test-warn-once")
+    warn_once("another one")
+    err = capsys.readouterr().err
+    assert err.count("an old argument was used") == 1 and "another one" in err

@@ -388,3 +388,59 @@ def test_attention_coef_from_config():
     coef = attention_coef_for(cfg)
     assert 0.03 < coef * 4096 < 0.1
     assert attention_coef_for(None) == 0.0
+
+
+# --------------------------------------------------------------------------- the original OpenSloth's pack() call
+
+
+def _legacy_batch():
+    pad = 99  # the original inferred the pad id from the first right-padded row
+    ids = torch.tensor([[1, 2, 3, 4, 5, pad, pad], [6, 7, pad, pad, pad, pad, pad], [8, 9, 10, 11, 12, 13, 14]])
+    mask = (ids != pad).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def test_original_call_keeps_its_output_and_splits_long_rows(capsys):
+    import opensloth.log
+
+    opensloth.log._WARNED.discard("pack-legacy")
+    out = pack(_legacy_batch(), max_seql=6, pad_label_id=-1, device="cpu", return_token_mask=True, attn_mode="tri")
+    assert "original OpenSloth's arguments" in capsys.readouterr().err
+    assert set(out) == {"input_ids", "labels", "position_ids", "attention_mask", "packed_lengths", "token_mask"}
+    # Pieces 5, 2, 6 (+1 split off the 7-token row) in best-fit rows of 6: [6], [5, 1], [2].
+    rows = {int(out["input_ids"][r, 0]): r for r in range(3)}
+    a, b, c = rows[8], rows[1], rows[6]
+    assert out["input_ids"][b].tolist() == [1, 2, 3, 4, 5, 14]
+    assert out["input_ids"][c].tolist() == [6, 7, 99, 99, 99, 99]  # inferred pad id
+    # First label of every packed sequence and split piece masked; padding gets pad_label_id.
+    assert out["labels"][a].tolist() == [-100, 9, 10, 11, 12, 13]
+    assert out["labels"][b].tolist() == [-100, 2, 3, 4, 5, -100]
+    assert out["labels"][c].tolist() == [-100, 7, -1, -1, -1, -1]
+    assert out["position_ids"][b].tolist() == [0, 1, 2, 3, 4, 0]
+    assert out["position_ids"][c].tolist() == [0, 1, 0, 0, 0, 0]
+    assert [out["packed_lengths"][r].item() for r in (a, b, c)] == [6, 6, 2]
+    assert out["token_mask"][c].tolist() == [1, 1, 0, 0, 0, 0]
+    mask = out["attention_mask"]
+    assert mask.dtype == torch.bool and mask.shape == (3, 6, 6)
+    expected_b = torch.zeros((6, 6), dtype=torch.bool)
+    expected_b[:5, :5] = torch.ones((5, 5), dtype=torch.bool).tril()
+    expected_b[5, 5] = True
+    assert torch.equal(mask[b], expected_b)
+    assert not mask[c, 2:].any() and not mask[c, :, 2:].any()  # padding attends nowhere
+
+
+def test_original_defaults_and_attention_modes():
+    batch = {"input_ids": [[1, 2, 3], [4, 5]], "labels": [[1, 2, 3], [4, 5]]}
+    out = pack(batch)  # max_seql defaulted to 64, token_mask on
+    assert out["input_ids"].shape == (1, 5) and "token_mask" in out
+    dense = pack(batch, attn_mode="dense", return_token_mask=False)
+    assert "token_mask" not in dense and dense["attention_mask"][0, :3, :3].all()
+    assert not dense["attention_mask"][0, :3, 3:].any()
+    diag = pack(batch, attn_mode="diag")
+    assert torch.equal(diag["attention_mask"][0], torch.eye(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mode"):
+        pack(batch, attn_mode="full")
+    with pytest.raises(ValueError, match="original OpenSloth"):
+        pack(batch, 8, device="cpu", attention="varlen")
+    # Without the original's arguments, the new call and its 4D float mask are unchanged.
+    assert pack(batch, 8)["attention_mask"].shape == (1, 1, 5, 5)

@@ -1,4 +1,4 @@
-"""README's two fresh-machine commands stay true: CI runs the second one verbatim."""
+"""README's two fresh-machine commands stay true: CI runs both verbatim, in README's order."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def test_readme_starts_with_two_commands():
     assert "scripts/setup_env.sh" in second and "pytest" in second
 
 
-def test_ci_runs_the_readme_test_command():
-    test_cmd = _readme_commands()[1]
+def test_ci_runs_the_readme_commands_in_order_and_checks_data_is_untouched():
+    main_cmd, test_cmd = _readme_commands()[:2]
     ci = (REPO / ".ci" / "run").read_text()
-    assert test_cmd in ci, f"README test command {test_cmd!r} is not what .ci/run runs"
+    lines = [ln.strip() for ln in ci.splitlines()]
+    assert main_cmd in lines, f"README main command {main_cmd!r} is not what .ci/run runs"
+    assert test_cmd in lines, f"README test command {test_cmd!r} is not what .ci/run runs"
+    check = next(i for i, ln in enumerate(lines) if "git status --porcelain" in ln and "data" in ln)
+    assert lines.index(main_cmd) < check < lines.index(test_cmd), "main job, then the data/ check, then the tests"

@@ -27,7 +27,7 @@ def _report(root, *extra):
 
 
 def test_matching_curves_pass(tmp_path):
-    _write_run(tmp_path, "sft_plain_ws1", [2.0, 1.5, 1.2])
+    _write_run(tmp_path, "sft_plain_ws1_nopatches", [2.0, 1.5, 1.2])  # the folder of a --no_patches run
     _write_run(tmp_path, "sft_patched_ws2", [2.0, 1.5 + 1e-6, 1.2])
     proc = _report(tmp_path, "--tasks", "sft", "--tolerance", "1e-3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -35,10 +35,10 @@ def test_matching_curves_pass(tmp_path):
 
 
 def test_deviating_loss_or_beta_fails(tmp_path):
-    _write_run(tmp_path, "dpo_plain_ws1", [0.69, 0.68])
+    _write_run(tmp_path, "dpo_plain_ws1_nopatches", [0.69, 0.68])
     _write_run(tmp_path, "dpo_patched_ws1", [0.69, 0.67], betas=[0.1, 0.11])
     _write_run(tmp_path, "dpo_patched_ws2", [0.69, 0.67], betas=[0.1, 0.12])  # beta trajectory differs
-    _write_run(tmp_path, "dpo_plain_ws4", [0.69, 0.70])                       # loss differs
+    _write_run(tmp_path, "dpo_plain_ws4_nopatches", [0.69, 0.70])             # loss differs
     proc = _report(tmp_path, "--tasks", "dpo", "--tolerance", "1e-3")
     assert proc.returncode == 1
     assert "dpo_patched_ws2: beta deviates" in proc.stderr

@@ -10,15 +10,16 @@ from helpers import REPO
 from opensloth.errors import UserInputError
 from opensloth.sft import SFTSettings, resolve_settings
 
-# The flags train_configurable.py had before its parser was generated from SFTSettings: name -> default.
+# The flags train_configurable.py had before its parser was generated from SFTSettings (and the original
+# OpenSloth's --use_patches): name -> default.
 OLD_FLAGS = {
     "model_name": "data/tiny-qwen3", "dataset": "data/sft", "train_split": "train", "test_split": "test",
     "max_seq_length": 1024, "num_epochs": 1.0, "max_steps": -1, "train_samples": None, "test_samples": 0,
     "eval_steps": None, "eval_batch_size": None, "learning_rate": 2e-4, "warmup_steps": 0,
     "per_device_batch_size": None, "global_batch_size": None, "grad_accum": 1, "logging_steps": 1, "save_steps": 0,
-    "seed": 3407, "no_patches": False, "packing_layout": "auto", "debug_dataloader": False, "experiment_name": "sft",
+    "seed": 3407, "no_patches": False, "use_patches": False, "packing_layout": "auto", "debug_dataloader": False, "experiment_name": "sft",
     "output_dir": "outputs", "backend": "auto", "dtype": "auto", "load_in_4bit": False, "assistant_only_loss": False,
-    "no_gradient_checkpointing": False, "skip_prepare": False, "prepared_dataset_path": None, "cache_dir": "data/cache",
+    "no_gradient_checkpointing": False, "skip_prepare": False, "prepared_dataset_path": None, "cache_dir": None,
 }
 
 

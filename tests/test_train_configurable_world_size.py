@@ -37,7 +37,7 @@ def _train(tmp_path, nproc, backend, name, *extra):
     proc = run(torchrun_cmd(nproc, SCRIPT, *COMMON, "--backend", backend, "--output_dir", str(tmp_path),
                             "--cache_dir", str(tmp_path / "cache"), "--experiment_name", name, *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return _losses(tmp_path / f"{name}_ws{nproc}")
+    return _losses(tmp_path / f"{name}_ws{nproc}{'_nopatches' if '--no_patches' in extra else ''}")
 
 
 @pytest.mark.slow

@@ -209,7 +209,7 @@ COMPILED_CHECK = textwrap.dedent(r"""
     from opensloth.patches.ddp import ddp_patch
     from opensloth.patches.batch_samples import PATCH_NAME, patch_optimize_sft_trainer_batch_samples
     from opensloth.patches.unsloth_compat import check_trainer_patched, compiled_cache_digest, loss_scaling_owner
-    from opensloth.dpo.trainer import LOSS_PATCH, patch_dpo_trainer_dynamic_beta
+    from opensloth.patches.dpo_dynamic_beta import LOSS_PATCH, patch_dpo_trainer_dynamic_beta
     from opensloth.patches import applied_patches
     out = {"sft_rebound": trl.SFTTrainer is not stock_sft, "dpo_rebound": trl.DPOTrainer is not stock_dpo}
     ddp_patch()

@@ -3,7 +3,7 @@
     python train_scripts/precompute_dataset.py --model_name data/tiny-qwen3 --dataset data/sft \
         --name tiny-sft --max_seq_length 1024
     torchrun --nproc_per_node=2 train_scripts/train_configurable.py \
-        --skip_prepare --prepared_dataset_path data/precomputed/tiny-sft --max_seq_length 1024
+        --skip_prepare --prepared_dataset_path outputs/precomputed/tiny-sft --max_seq_length 1024
 
     # preference pairs (pairs, Anthropic HH or judged rollout JSONL) for DPO
     python train_scripts/precompute_dataset.py --format preference --dataset data/preference \
@@ -25,6 +25,18 @@ Training loads it with ``opensloth.cache.load_prepared_dataset``, which
 refuses data made with another tokenizer or a longer length limit. Preference
 data goes through the same pipeline as ``train_dpo.py``
 (:mod:`opensloth.data.preference`; formats in :mod:`opensloth.data.formats`).
+
+The original OpenSloth's command line works too::
+
+    python train_scripts/precompute_dataset.py --model_name data/tiny-qwen3 --dataset_name data/sft \
+        --output_dir outputs/precomputed --target_token_only --dataset_name_suffix v1
+
+``--dataset_name`` and ``--output_dir`` are ``--dataset`` and ``--output_root``;
+without ``--name`` the folder gets the original's name
+(``<model>_<dataset>[_target_only][_<suffix>]_processed``);
+``--target_token_only`` trains only the tokens after each ``--response_part``
+up to the next ``--instruction_part`` (:mod:`opensloth.data.response_markers`);
+``--batch_size`` is accepted and unused, as it was.
 """
 
 from __future__ import annotations
@@ -39,8 +51,9 @@ from opensloth.cache.store import inspect_prepared, library_versions, publish_pr
 from opensloth.data import (DatasetSourceError, load_preference_dataset, load_records, prepare_chat_dataset,
                             tokenize_preference_dataset)
 from opensloth.data.formats import PREFERENCE_FORMATS
+from opensloth.data.response_markers import DEFAULT_INSTRUCTION_PART, DEFAULT_RESPONSE_PART, mask_to_responses
 from opensloth.errors import UserInputError, run_cli
-from opensloth.log import log_rank0
+from opensloth.log import log_rank0, warn_rank0
 
 # Formats that start from text (a prepared folder is already tokenized).
 TEXT_FORMATS = ("auto", *(name for name, spec in PREFERENCE_FORMATS.items() if not spec.tokenized))
@@ -49,9 +62,13 @@ TEXT_FORMATS = ("auto", *(name for name, spec in PREFERENCE_FORMATS.items() if n
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="data/tiny-qwen3", help="model folder or hub id whose tokenizer to use")
-    p.add_argument("--dataset", default="data/sft", help="file, folder or hub id (see opensloth.data.load_records)")
-    p.add_argument("--name", required=True, help="output folder name under --output_root")
-    p.add_argument("--output_root", default="data/precomputed", help="parent of the output folder")
+    p.add_argument("--dataset", "--dataset_name", dest="dataset", default="data/sft",
+                   help="file, folder or hub id (see opensloth.data.load_records); --dataset_name is the original's name")
+    p.add_argument("--name", default=None,
+                   help="output folder name under --output_root (default: the original OpenSloth's "
+                        "<model>_<dataset>[_target_only][_<suffix>]_processed)")
+    p.add_argument("--output_root", "--output_dir", dest="output_root", default="outputs/precomputed",
+                   help="parent of the output folder; --output_dir is the original's name")
     p.add_argument("--format", choices=("chat", "preference"), default="chat",
                    help="chat: messages -> input_ids/labels; preference: pairs/chat pairs/HH/judged -> prompt/chosen/rejected ids")
     p.add_argument("--preference_format", choices=TEXT_FORMATS, default="auto",
@@ -68,8 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assistant_only", action="store_true",
                    help="chat only: labels only on assistant replies (needs {%% generation %%} in the chat template)")
     p.add_argument("--num_proc", type=int, default=None, help="worker processes for tokenization")
+    legacy = p.add_argument_group("the original OpenSloth's flags")
+    legacy.add_argument("--target_token_only", action="store_true",
+                        help="chat only: labels only after each --response_part up to the next --instruction_part "
+                             "(works without {%% generation %%} markers)")
+    legacy.add_argument("--instruction_part", default=DEFAULT_INSTRUCTION_PART,
+                        help="marker before user turns (with --target_token_only)")
+    legacy.add_argument("--response_part", default=DEFAULT_RESPONSE_PART,
+                        help="marker before assistant turns (with --target_token_only)")
+    legacy.add_argument("--dataset_name_suffix", default="", help="appended to the default folder name as _<suffix>")
+    legacy.add_argument("--batch_size", type=int, default=None, help="accepted and unused (as in the original)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if an identical output already exists")
     return p
+
+
+def original_folder_name(model_name: str, dataset: str, target_token_only: bool, suffix: str) -> str:
+    """The folder name the original OpenSloth's precompute_dataset.py derived from its flags."""
+    name = f"{model_name.replace('/', '_').replace('-', '_')}_{dataset.replace('/', '_')}"
+    return f"{name}{'_target_only' if target_token_only else ''}{f'_{suffix}' if suffix else ''}_processed"
 
 
 def _limit(ds, n):
@@ -92,7 +125,11 @@ def tokenize_split(args, tokenizer, split: str, samples: int | None, label: str)
             raw, tokenizer, mode="tokens", assistant_only=args.assistant_only,
             max_seq_length=args.max_seq_length, num_proc=args.num_proc, name=label, source=args.dataset,
         )
-        return raw, tokenized, [report]
+        if not args.target_token_only:
+            return raw, tokenized, [report]
+        tokenized, marker_report = mask_to_responses(tokenized, tokenizer, args.instruction_part, args.response_part,
+                                                     name=f"{label} responses only")
+        return raw, tokenized, [report, marker_report]
     pairs, load_report = load_preference_dataset(args.dataset, split, fmt=args.preference_format,
                                                  hh_parser=args.hh_parser)
     raw = _limit(pairs, samples)
@@ -106,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_seq_length < 8:
         raise UserInputError(f"--max_seq_length {args.max_seq_length} is too small; use at least 8")
+    if args.target_token_only and args.format != "chat":
+        raise UserInputError("--target_token_only masks chat data; preference data trains on completions already")
+    if args.batch_size is not None:
+        warn_rank0("--batch_size is accepted for the original's command lines and unused (the original ignored it too)")
+    if args.name is None:
+        args.name = original_folder_name(args.model_name, args.dataset, args.target_token_only, args.dataset_name_suffix)
+        log_rank0(f"no --name: writing to {os.path.join(args.output_root, args.name)} (the original OpenSloth's name)")
 
     from transformers import AutoTokenizer
 
@@ -128,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_prompt_length": args.max_prompt_length,
         "truncation": "keep_start" if args.format == "chat" else "prompt_left",
     }
+    if args.target_token_only:  # only then: the keys of other folders stay as they were
+        formatting["responses_only"] = [args.instruction_part, args.response_part]
     tok = tokenizer_fingerprint(tokenizer)
     key_parts = {
         "data": {

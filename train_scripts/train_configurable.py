@@ -9,7 +9,9 @@
 Steps: flags (+ YAML) -> checks -> import Unsloth (first) -> ddp_patch() -> load
 model + LoRA -> load and format data -> SFTTrainer (one rank tokenizes, all
 reuse) -> train -> save adapter and trainer state to
-``<output_dir>/<experiment_name>_ws<world_size>``.
+``<output_dir>/<experiment_name>_ws<world_size>`` (``..._nopatches`` with
+``--no_patches``). A run dir that already holds a run is refused unless the
+launch resumes it.
 
 ``--config run.yaml`` takes the same keys as the flags (``max_steps: 50``,
 ``learning_rate: 2e-4``, ...); flags given on the command line win.
@@ -17,6 +19,8 @@ reuse) -> train -> save adapter and trainer state to
 ``--no_patches`` turns off the optional speed patches (batch repacking and
 cross-rank balancing). The correctness fixes of ``ddp_patch()`` (device
 pinning, process-group backend, out-of-place loss scaling) always apply.
+The original OpenSloth's flags work as they did (``--use_patches`` is
+accepted; docs/compat.md lists the differences).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- setup: checks, Unsloth first, then ddp_patch (device, process group, loss fix) ---
     launch = setup_run(settings)
+    if settings.use_patches and settings.no_patches:
+        log_rank0("--use_patches and --no_patches both given: --no_patches wins, as in the original OpenSloth")
     if not settings.no_patches:
         patch_optimize_sft_trainer_batch_samples(layout=settings.packing_layout)
 
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- trainer ---
     factory = build_sft_trainer
-    if settings.cache_dir and not settings.skip_prepare:
+    if settings.cache_dir != "" and not settings.skip_prepare:  # None: the default cache folder
         # One rank tokenizes; the others (and later launches) load the result.
         factory = simple_cache_dataset_wrapper(
             cache_dir=settings.cache_dir, max_seq_length=settings.max_seq_length, packing=False,

@@ -10,11 +10,23 @@ OUTPUT_DIR (default outputs).
 """
 
 import os
+import sys
 
 import unsloth  # noqa: F401  (first: Unsloth patches transformers and TRL on import)
 
+from opensloth.distributed import distributed_env
+from opensloth.errors import UserInputError
+from opensloth.launch import claim_run_dir
 from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
 from opensloth.patches.ddp import ddp_patch
+
+# 0. The run dir, before any rank writes: a folder holding another run's adapter is refused.
+env = distributed_env()
+try:
+    run_dir = claim_run_dir(os.environ.get("OUTPUT_DIR", "outputs"), "train_ddp", env.world_size)
+except UserInputError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 # 1. One call per process: pins this rank's device, creates the process group
 #    (gloo on CPU, nccl on CUDA) and fixes the trainer's cross-rank loss scaling.
@@ -26,9 +38,6 @@ from datasets import load_dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402
 
-from opensloth.distributed import distributed_env  # noqa: E402
-
-env = distributed_env()
 model_name = os.environ.get("MODEL", "data/tiny-qwen3")
 dataset_dir = os.environ.get("DATASET", "data/sft")
 global_batch = int(os.environ.get("GLOBAL_BATCH", "16"))
@@ -52,7 +61,6 @@ dataset = dataset.map(
 )
 
 # 5. Trainer. ddp_find_unused_parameters=False: every LoRA weight gets a gradient.
-run_dir = os.path.join(os.environ.get("OUTPUT_DIR", "outputs"), f"train_ddp_ws{env.world_size}")
 trainer = SFTTrainer(
     model=model,
     processing_class=tokenizer,

@@ -14,10 +14,38 @@ Where things are (``docs/architecture.md`` has the layer diagram):
 - ``opensloth.dpo`` -- the dynamic-beta DPO controller, settings and trainer glue.
 - ``opensloth.config`` -- settings dataclasses -> flags and YAML.
 
-The old paths (``opensloth.patching.ddp_patch``, ``opensloth.utils.packing``,
-``opensloth.utils.simple_cache_dataset_wrapper``, ...) still work.
+The original OpenSloth's names work too (``docs/compat.md``): ``from opensloth
+import simple_cache_dataset_wrapper, cache_dataset_wrapper, CacheConfig,
+OPENSLOTH_DATA_DIR`` (the first three are loaded on first use, so this import
+stays cheap), ``opensloth.patching.ddp_patch``, ``opensloth.utils.packing``,
+``opensloth.utils.dataset_cache``, ...
 """
 
-__version__ = "0.1.0"
+import importlib
+from pathlib import Path
 
-__all__ = ["__version__"]
+__version__ = "0.3.0"
+
+# The original OpenSloth's data folder constant; nothing creates or reads it.
+OPENSLOTH_DATA_DIR = Path("~/.cache/opensloth").expanduser().resolve()
+
+_LAZY = {
+    "CacheConfig": "opensloth.cache",
+    "cache_dataset_wrapper": "opensloth.cache",
+    "simple_cache_dataset_wrapper": "opensloth.cache",
+}
+
+__all__ = ["OPENSLOTH_DATA_DIR", "CacheConfig", "__version__", "cache_dataset_wrapper",
+           "simple_cache_dataset_wrapper"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'opensloth' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

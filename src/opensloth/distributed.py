@@ -32,18 +32,39 @@ __all__ = [
 ]
 
 
-class DistributedEnvError(UserInputError):
-    """A torchrun environment variable is missing, non-integer or inconsistent."""
+class DistributedEnvError(UserInputError, RuntimeError):
+    """A torchrun environment variable is missing, non-integer or inconsistent.
+
+    Also a ``RuntimeError``: the original OpenSloth's ``_check_distributed_environment``
+    raised that, so old ``except RuntimeError`` blocks still catch it.
+    """
 
 
 @dataclass(frozen=True)
 class DistEnv:
-    """The validated launch environment of this process."""
+    """The validated launch environment of this process.
+
+    It also unpacks as the tuple the original OpenSloth's
+    ``_check_distributed_environment()`` returned, in that order:
+    ``local_rank, world_size, global_rank = distributed_env()``.
+    """
 
     rank: int
     local_rank: int
     world_size: int
     local_world_size: int
+
+    def _legacy_tuple(self) -> tuple[int, int, int]:
+        return (self.local_rank, self.world_size, self.rank)
+
+    def __iter__(self):
+        return iter(self._legacy_tuple())
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index):
+        return self._legacy_tuple()[index]
 
     @property
     def is_distributed(self) -> bool:
@@ -127,7 +148,9 @@ def distributed_env(env: dict | None = None) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size)
 
 
-# The name older code (and user scripts) import; same function.
+# The original OpenSloth's name (user scripts import it); same function. Its result unpacks as
+# the original's ``(local_rank, world_size, global_rank)``. The checks are stricter than the
+# original's: e.g. WORLD_SIZE=2 without RANK is an error here, rank 0 there.
 _check_distributed_environment = distributed_env
 
 

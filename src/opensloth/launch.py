@@ -196,9 +196,60 @@ def resolve_per_device_batch(
     return per_device_batch_size
 
 
-def run_dir_for(output_dir: str, experiment_name: str, world_size: int) -> str:
-    """``<output_dir>/<experiment_name>_ws<world_size>``: runs on different world sizes never collide."""
-    return os.path.join(output_dir, f"{experiment_name}_ws{world_size}")
+NO_PATCHES_SUFFIX = "_nopatches"
+# What a run leaves in its folder that a new run would overwrite: the adapter and the trainer state.
+RUN_OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
+
+
+def run_dir_for(output_dir: str, experiment_name: str, world_size: int, no_patches: bool = False) -> str:
+    """``<output_dir>/<experiment_name>_ws<world_size>[_nopatches]``.
+
+    Runs on different world sizes never share a folder, and neither do the
+    patched and unpatched runs of one experiment (the original OpenSloth's
+    ``_nopatches`` suffix).
+    """
+    return os.path.join(output_dir, f"{experiment_name}_ws{world_size}{NO_PATCHES_SUFFIX if no_patches else ''}")
+
+
+def run_outputs(run_dir: str) -> list[str]:
+    """The adapter, trainer state and ``checkpoint-*`` folders already in ``run_dir`` (sorted names)."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(name for name in os.listdir(run_dir)
+                  if name in RUN_OUTPUT_FILES or (name.startswith("checkpoint-")
+                                                  and os.path.isdir(os.path.join(run_dir, name))))
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def claim_run_dir(output_dir: str, experiment_name: str, world_size: int, *, no_patches: bool = False,
+                  resume_from_checkpoint: str | None = None) -> str:
+    """The run directory of this launch, refusing to write over another run's adapter or state.
+
+    The folder is :func:`run_dir_for`'s. It may hold outputs of an earlier
+    run only when this launch resumes that run: ``resume_from_checkpoint`` is
+    ``"last"`` or a checkpoint inside the folder. Every rank calls this before
+    the process group exists, so no rank has written anything yet and all of
+    them decide alike.
+
+    Raises:
+        UserInputError: the folder already holds an adapter, a trainer state or
+            checkpoints, and this launch does not resume from it.
+    """
+    run_dir = run_dir_for(output_dir, experiment_name, world_size, no_patches)
+    held = run_outputs(run_dir)
+    if not held:
+        return run_dir
+    if resume_from_checkpoint == "last" or (resume_from_checkpoint and _inside(resume_from_checkpoint, run_dir)):
+        return run_dir
+    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    raise UserInputError(
+        f"run dir {run_dir} already holds a run ({shown}); a new run would overwrite it. Pass another "
+        f"--experiment_name or --output_dir, --resume_from_checkpoint last to continue that run, or delete the folder"
+    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -367,7 +418,8 @@ class Launch:
         env: the validated torchrun environment.
         backend: ``"unsloth"`` or ``"hf"`` (``auto`` resolved).
         device: this rank's ``torch.device`` (from :func:`ddp_patch`).
-        run_dir: ``<output_dir>/<experiment_name>_ws<world_size>`` (training runs only).
+        run_dir: ``<output_dir>/<experiment_name>_ws<world_size>[_nopatches]`` (training runs only;
+            :func:`claim_run_dir`).
         per_device: samples (or pairs) per micro-batch per rank (training runs only).
         fsdp: the model is sharded with FSDP2 (:func:`check_fsdp`).
     """
@@ -405,8 +457,9 @@ def setup_run(settings, unit: str = "samples") -> Launch:
     ``global_batch_size``, ``grad_accum``, ``output_dir`` and
     ``experiment_name`` (:class:`opensloth.sft.SFTSettings`,
     :class:`opensloth.dpo.DPORunSettings`). The model path and the batch
-    arithmetic are checked first, so a run that cannot start fails in a
-    second, before Unsloth and torch are imported.
+    arithmetic are checked first, and the run dir is claimed
+    (:func:`claim_run_dir`), so a run that cannot start fails in a second,
+    before Unsloth and torch are imported.
     """
     env = distributed_env()
     check_model_source(settings.model_name)
@@ -414,6 +467,10 @@ def setup_run(settings, unit: str = "samples") -> Launch:
     per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
                                           settings.grad_accum, env.world_size)
     fsdp = check_fsdp(settings, env, backend)
+    # Before the process group exists: no rank has written to the run dir yet, so all ranks agree.
+    run_dir = claim_run_dir(settings.output_dir, settings.experiment_name, env.world_size,
+                            no_patches=getattr(settings, "no_patches", False),
+                            resume_from_checkpoint=getattr(settings, "resume_from_checkpoint", None))
     launch = setup_backend(settings.backend)
     if fsdp and launch.backend == "hf" and launch.device.type == "cpu" and not _env_true("UNSLOTH_FSDP2"):
         raise UserInputError("--fsdp --backend hf uses the Trainer's FSDP2 (accelerate), which does not run on a CPU "
@@ -422,7 +479,6 @@ def setup_run(settings, unit: str = "samples") -> Launch:
     if fsdp:
         log_rank0(f"FSDP2: {'Unsloth native (UNSLOTH_FSDP2=1)' if launch.backend == 'unsloth' else 'the Trainer'}"
                   f" shards the model over {env.world_size} ranks")
-    run_dir = run_dir_for(settings.output_dir, settings.experiment_name, env.world_size)
     log_rank0(
         f"effective global batch = {per_device} {unit} per device x {settings.grad_accum} accum x "
         f"{env.world_size} rank(s) = {per_device * settings.grad_accum * env.world_size}; run dir {run_dir}"

@@ -68,3 +68,14 @@ def log_all_ranks(msg: str, level: int = logging.INFO) -> None:
 
 def warn_rank0(msg: str) -> None:
     log_rank0(msg, logging.WARNING)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(msg: str, key: str | None = None) -> None:
+    """:func:`warn_rank0` the first time ``key`` (default: the message itself) comes up in this process."""
+    key = msg if key is None else key
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warn_rank0(msg)

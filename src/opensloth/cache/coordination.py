@@ -77,11 +77,31 @@ class DatasetCacheMismatchError(DatasetCacheError):
     """Ranks disagree on the cache key, or the trainer's data options differ from the cached ones."""
 
 
+CACHE_DIR_ENV = "OPENSLOTH_CACHE_DIR"
+
+
+def default_cache_dir(environ=None) -> str:
+    """Where tokenized datasets go when no folder is named.
+
+    ``$OPENSLOTH_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/opensloth/datasets``
+    (``~/.cache/opensloth/datasets``): a user cache folder, never a project's
+    data folder (runtime output does not belong next to shipped data). Keys are
+    content hashes, so runs of different projects never collide there.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(CACHE_DIR_ENV):
+        return env[CACHE_DIR_ENV]
+    root = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "opensloth", "datasets")
+
+
 @dataclass
 class DatasetCacheConfig:
     """Where and how tokenized datasets are cached and shared between ranks."""
 
-    cache_dir: str = field(default="data/cache", metadata={"help": "folder holding one sub-folder per cache key"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "folder holding one sub-folder per cache key (default: $OPENSLOTH_CACHE_DIR, else "
+                "$XDG_CACHE_HOME/opensloth/datasets, i.e. ~/.cache/opensloth/datasets)"})
     timeout_minutes: float = field(
         default=30.0, metadata={"help": "how long non-builder ranks wait for the builder before failing"}
     )
@@ -112,8 +132,10 @@ class DatasetCacheConfig:
     )
 
     def __post_init__(self):
+        if self.cache_dir is None:
+            self.cache_dir = default_cache_dir()
         if not self.cache_dir:
-            raise ValueError("cache_dir is empty; pass a folder (e.g. data/cache) or do not wrap the factory")
+            raise ValueError("cache_dir is empty; pass a folder (e.g. outputs/cache) or do not wrap the factory")
         if self.builder not in BUILDER_MODES:
             raise ValueError(f"builder={self.builder!r} must be one of {BUILDER_MODES}")
         if self.sync not in SYNC_MODES:

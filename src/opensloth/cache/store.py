@@ -20,6 +20,7 @@ invalid and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -33,12 +34,14 @@ from typing import Any, Mapping
 from opensloth.cache.key import COMPARED_TOKENIZER_PARTS, tokenizer_fingerprint
 from opensloth.errors import UserInputError
 from opensloth.atomic import write_json_atomic
+from opensloth.log import warn_rank0
 
 METADATA_FILE = "cache_metadata.json"
 READY_FILE = "READY"
 TRAIN_DIR = "train"
 VAL_DIR = "val"
 VERIFY_MODES = ("checksum", "size")
+LEGACY_CONFIG_FILE = "dataset_config.json"  # what the original OpenSloth's precompute_dataset.py wrote
 
 __all__ = [
     "METADATA_FILE",
@@ -47,6 +50,8 @@ __all__ = [
     "PreparedDatasetMismatchError",
     "PreparedStatus",
     "inspect_prepared",
+    "is_legacy_prepared",
+    "load_legacy_prepared",
     "load_prepared_dataset",
     "load_prepared_splits",
     "publish_prepared",
@@ -325,8 +330,11 @@ def load_prepared_splits(path: str, metadata: Mapping[str, Any]) -> dict[str, An
 def load_prepared_dataset(path: str, tokenizer, max_seq_length: int | None = None, verify: str = "checksum"):
     """Load ``train`` and ``val`` from a folder written by ``precompute_dataset.py`` (or the cache).
 
+    A folder of the original OpenSloth's ``precompute_dataset.py`` goes to
+    :func:`load_legacy_prepared`.
+
     Args:
-        path: e.g. ``data/precomputed/<name>``.
+        path: e.g. ``outputs/precomputed/<name>``.
         tokenizer: the tokenizer of the model about to train; it must match
             the one the data was tokenized with.
         max_seq_length: the training length limit; the longest stored row
@@ -342,6 +350,8 @@ def load_prepared_dataset(path: str, tokenizer, max_seq_length: int | None = Non
             names the differing parts and both tokenizers) or a row is longer
             than ``max_seq_length``.
     """
+    if is_legacy_prepared(path):
+        return load_legacy_prepared(path, tokenizer, max_seq_length)
     status = inspect_prepared(path, verify=verify)
     if not status.ok:
         hint = "run train_scripts/precompute_dataset.py again" if status.missing else "re-create it with precompute_dataset.py"
@@ -370,3 +380,98 @@ def load_prepared_dataset(path: str, tokenizer, max_seq_length: int | None = Non
                     f"--max_seq_length {max_seq_length} or train with a larger limit"
                 )
     return splits["train"], splits.get("val")
+
+
+def is_legacy_prepared(path: str) -> bool:
+    """True for a folder the original OpenSloth's ``precompute_dataset.py`` wrote.
+
+    That is ``train/`` saved by ``Dataset.save_to_disk`` (its ``state.json``),
+    without opensloth's ``cache_metadata.json`` and ``READY``. A folder of
+    ours that lacks ``READY`` has the metadata, so an interrupted build is
+    never mistaken for one.
+    """
+    return (os.path.isfile(os.path.join(path, TRAIN_DIR, "state.json"))
+            and not os.path.exists(os.path.join(path, METADATA_FILE))
+            and not os.path.exists(os.path.join(path, READY_FILE)))
+
+
+def _check_legacy_split(path: str, name: str, ds, vocab_size: int, max_seq_length: int | None) -> int:
+    """Raise unless ``ds`` holds token ids this tokenizer can embed, in rows that fit; returns the longest row."""
+    import pyarrow.compute as pc
+
+    where = f"prepared dataset {path!r} split {name!r}"
+    if "input_ids" not in ds.column_names:
+        raise PreparedDatasetError(f"{where} has no input_ids column (columns: {ds.column_names}); "
+                                   f"re-create it with train_scripts/precompute_dataset.py")
+    if not len(ds):
+        return 0
+    table = ds.with_format("arrow")
+    ids = table["input_ids"].combine_chunks()
+    lengths = pc.list_value_length(ids)
+    for column in ("labels", "attention_mask"):
+        if column in ds.column_names and not pc.all(pc.equal(pc.list_value_length(table[column].combine_chunks()),
+                                                             lengths)).as_py():
+            raise PreparedDatasetError(f"{where}: {column} and input_ids differ in length in some rows; "
+                                       f"re-create it with train_scripts/precompute_dataset.py")
+    flat = pc.min_max(pc.list_flatten(ids)).as_py()
+    if flat["min"] is not None and (flat["min"] < 0 or flat["max"] >= vocab_size):
+        raise PreparedDatasetMismatchError(
+            f"{where} holds token ids {flat['min']}..{flat['max']}, outside this tokenizer's vocabulary of "
+            f"{vocab_size}: it was tokenized for another model. Re-run precompute_dataset.py with --model_name "
+            f"of this model")
+    longest = int(pc.max(lengths).as_py() or 0)
+    if max_seq_length is not None and longest > max_seq_length:
+        raise PreparedDatasetMismatchError(
+            f"{where} has rows of {longest} tokens, longer than max_seq_length={max_seq_length}; train with "
+            f"--max_seq_length {longest} or re-run precompute_dataset.py with --max_seq_length {max_seq_length}")
+    return longest
+
+
+def load_legacy_prepared(path: str, tokenizer, max_seq_length: int | None = None):
+    """Load a folder of the original OpenSloth's ``precompute_dataset.py``, checking what can be checked.
+
+    It has no checksums and no tokenizer fingerprint, so the checks are:
+    ``train/`` (and ``val/`` when present) load; each has ``input_ids``;
+    ``labels`` / ``attention_mask`` match its row lengths; every token id is
+    inside this tokenizer's vocabulary; no row is longer than
+    ``max_seq_length``. The model named in ``dataset_config.json`` is compared
+    with the tokenizer's name. One warning line says the folder is accepted
+    on these checks.
+
+    Returns:
+        ``(train_dataset, val_dataset_or_None)``.
+
+    Raises:
+        PreparedDatasetError: a split cannot be loaded or lacks ``input_ids``.
+        PreparedDatasetMismatchError: token ids outside the vocabulary, or rows
+            longer than ``max_seq_length``.
+    """
+    import datasets
+
+    config = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(path, LEGACY_CONFIG_FILE), encoding="utf-8") as fh:
+            config = json.load(fh)
+    if not isinstance(config, dict):
+        config = {}
+    vocab_size = len(tokenizer)
+    splits = {}
+    for name in (TRAIN_DIR, VAL_DIR):
+        folder = os.path.join(path, name)
+        if name == VAL_DIR and not os.path.isdir(folder):
+            continue
+        try:
+            splits[name] = datasets.load_from_disk(folder)
+        except Exception as exc:
+            raise PreparedDatasetError(f"prepared dataset {path!r}: split {name!r} cannot be loaded: {exc}") from exc
+    longest = max(_check_legacy_split(path, name, ds, vocab_size, max_seq_length) for name, ds in splits.items())
+    made_for = config.get("model_name")
+    current = getattr(tokenizer, "name_or_path", None)
+    model_note = (f"; it names the model {made_for!r}, not this tokenizer's {current!r}"
+                  if made_for and current and made_for != current else "")
+    warn_rank0(
+        f"{path} was written by the original OpenSloth's precompute_dataset.py (no checksums, no tokenizer "
+        f"fingerprint): accepted after checking its columns, token ids < vocab size {vocab_size} and rows <= "
+        f"{max_seq_length if max_seq_length is not None else longest} tokens{model_note}. Re-create it with "
+        f"train_scripts/precompute_dataset.py for the full checks")
+    return splits[TRAIN_DIR], splits.get(VAL_DIR)

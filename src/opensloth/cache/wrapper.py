@@ -4,7 +4,7 @@ Stock Unsloth/TRL SFT tokenizes the whole dataset on every rank. Decorating
 the trainer factory with :func:`simple_cache_dataset_wrapper` (or
 :func:`cache_dataset_wrapper`) makes one rank do it::
 
-    @simple_cache_dataset_wrapper(cache_dir="data/cache", max_seq_length=2048)
+    @simple_cache_dataset_wrapper(cache_dir="outputs/cache", max_seq_length=2048)
     def build_trainer(model, tokenizer, train_dataset, val_dataset, world_size, args):
         config = SFTConfig(..., dataset_kwargs=sft_dataset_kwargs(train_dataset))
         return SFTTrainer(model=model, args=config, train_dataset=train_dataset, ...)
@@ -46,6 +46,7 @@ waits no-ops for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -73,6 +74,7 @@ from opensloth.cache.key import (
     trainer_library,
     trainer_prepare_args,
 )
+from opensloth.cache.legacy import CacheConfig
 from opensloth.cache.store import inspect_prepared, library_versions, load_prepared_splits, publish_prepared
 from opensloth.distributed import barrier, distributed_env
 from opensloth.log import log_all_ranks, log_rank0, warn_rank0
@@ -96,13 +98,29 @@ def sft_dataset_kwargs(train_dataset) -> dict | None:
 def _as_config(cache_config) -> DatasetCacheConfig:
     if isinstance(cache_config, DatasetCacheConfig):
         return cache_config
+    if isinstance(cache_config, CacheConfig):  # the original OpenSloth's settings class
+        return cache_config.dataset_cache_config()
     if cache_config is None:
         return DatasetCacheConfig()
     if isinstance(cache_config, Mapping):
         return DatasetCacheConfig(**cache_config)
     if isinstance(cache_config, (str, os.PathLike)):
         return DatasetCacheConfig(cache_dir=os.fspath(cache_config))
-    raise TypeError(f"cache_config must be a DatasetCacheConfig, a dict or a folder path, got {type(cache_config)}")
+    raise TypeError(f"cache_config must be a DatasetCacheConfig, a CacheConfig, a dict or a folder path, "
+                    f"got {type(cache_config)}")
+
+
+FACTORY_ARGS = ("model", "tokenizer", "train_dataset", "val_dataset", "world_size")
+
+
+def _factory_args_positional(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Move the contract's five arguments passed by keyword (the original allowed it) into their slots."""
+    args, kwargs = tuple(args), dict(kwargs)
+    for name in FACTORY_ARGS[len(args):]:
+        if name not in kwargs:
+            break
+        args += (kwargs.pop(name),)
+    return args, kwargs
 
 
 def _build_and_publish(factory, call_args, call_kwargs, path, key, parts, cfg, launch, alone: bool):
@@ -247,21 +265,27 @@ def _cached_trainer(factory, cfg: DatasetCacheConfig, cache_key_params: dict, ca
     return trainer
 
 
-def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any] | None = None):
+def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any] | None = None,
+                          validate_cache: bool = True):
     """Decorate a trainer factory so that one rank tokenizes and every rank reuses it.
 
     Args:
-        cache_config: a :class:`DatasetCacheConfig`, a dict of its fields, or
-            the cache folder as a string.
+        cache_config: a :class:`DatasetCacheConfig`, a dict of its fields, the
+            cache folder as a string, or the original OpenSloth's
+            :class:`~opensloth.cache.legacy.CacheConfig`.
         cache_key_params: JSON-able values that change tokenization and so
             must select a different cache: ``max_seq_length`` (else taken
             from ``model.max_seq_length``), formatting options, and any
             trainer option such as ``assistant_only_loss`` or ``packing``.
+        validate_cache: the original OpenSloth's switch. A cache is reused
+            only when complete (``READY``, metadata, file manifest); True
+            (default) also checks each file as ``cache_config.verify`` says
+            (SHA-256 by default), False checks file sizes only.
 
     Returns:
         A decorator. The decorated factory has the signature
         ``(model, tokenizer, train_dataset, val_dataset, world_size, *args, **kwargs)``
-        and must return a trainer with ``train_dataset`` / ``eval_dataset``
+        (the first five may also be passed by keyword) and must return a trainer with ``train_dataset`` / ``eval_dataset``
         attributes (TRL's ``SFTTrainer``). On ranks that load the cache it is
         called with the tokenized splits in place of the raw ones.
 
@@ -270,6 +294,8 @@ def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any]
     :class:`DatasetCacheMismatchError`; see the module doc for the protocol.
     """
     cfg = _as_config(cache_config)
+    if not validate_cache:
+        cfg = dataclasses.replace(cfg, verify="size")
     params = dict(cache_key_params or {})
     for name, value in params.items():
         try:  # a repr() of an object would hold its address: a new key on every launch
@@ -283,7 +309,7 @@ def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any]
     def decorate(factory):
         @functools.wraps(factory)
         def wrapped(*args, **kwargs):
-            return _cached_trainer(factory, cfg, params, args, kwargs)
+            return _cached_trainer(factory, cfg, params, *_factory_args_positional(args, kwargs))
 
         wrapped.cache_config = cfg
         wrapped.cache_key_params = params
@@ -292,13 +318,14 @@ def cache_dataset_wrapper(cache_config=None, cache_key_params: Mapping[str, Any]
     return decorate
 
 
-def simple_cache_dataset_wrapper(cache_dir: str = "data/cache", timeout_minutes: float = 30.0,
+def simple_cache_dataset_wrapper(cache_dir: str | None = None, timeout_minutes: float = 60.0,
                                  builder: str = "global", **cache_key_params):
     """:func:`cache_dataset_wrapper` with the common settings as keywords.
 
-    ``@simple_cache_dataset_wrapper(cache_dir="data/cache", max_seq_length=2048, assistant_only_loss=False)``;
+    ``@simple_cache_dataset_wrapper(cache_dir="outputs/cache", max_seq_length=2048, assistant_only_loss=False)``;
     every keyword other than ``cache_dir``, ``timeout_minutes`` and ``builder``
-    goes into the cache key.
+    goes into the cache key. ``cache_dir=None`` is :func:`opensloth.cache.default_cache_dir`
+    (the original OpenSloth defaulted to ``data/cache``).
     """
     config = DatasetCacheConfig(cache_dir=cache_dir, timeout_minutes=timeout_minutes, builder=builder)
     return cache_dataset_wrapper(config, cache_key_params)

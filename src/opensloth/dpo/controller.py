@@ -45,46 +45,53 @@ then counts micro-batches. The presets ``reference`` / ``reference_v1`` set the
 rule, ``q = 1 - delta``, ``p_hat_inclusive`` (``>=``) and the timing of the two
 reference repositories.
 
-Risk rules (``risk_rule``):
-
-- ``hoeffding`` -- the published rule. ``eps = sqrt(ln(1/eps0) / (2n))``,
-  over-risk when ``p_hat > delta + eps``, ``u = (p_hat - (delta + eps)) / eps``.
-  Its neutral point is ``p_hat = delta + eps``, but ``tau`` tracks the
-  ``q``-quantile so ``p_hat`` settles near ``1 - q = delta``; then ``u`` is
-  near -1 and beta shrinks by ``exp(-alpha * tanh(gamma))`` every step even
-  when nothing is wrong (see docs/dynamic_beta_rules.md for measurements).
-- ``zscore`` -- ``u = (p_hat - delta) / sqrt(delta (1 - delta) / n)``; centred
-  at ``p_hat = delta``; over-risk when ``u > z_{1-eps0}`` (one-sided normal
-  test at the same level ``eps0``).
-- ``hoeffding_deadband`` (default) -- centred Hoeffding with a dead-band:
-  ``u = sign(d) * max(|d| - w, 0) / eps`` with ``d = p_hat - delta`` and
-  ``w = deadband * eps``. Above the band it equals the published rule
-  (with the default ``deadband = 1``); inside it beta does not move; below it
-  beta decreases symmetrically. Over-risk when ``p_hat > delta + eps``.
-  Caveat (measured in docs/dynamic_beta.md): the lower edge ``delta - eps`` is
-  below 0 while ``n < ln(1/eps0) / (2 delta^2)`` (about 150 margins per step at
-  the defaults), so with smaller global batches this rule can raise beta but
-  never lower it.
+Risk rules (``risk_rule``) live in :mod:`opensloth.dpo.rules`, one registry
+entry each (:data:`RISK_RULES` lists their names). The p_hat rules
+(``hoeffding``, ``zscore``, ``hoeffding_deadband``) turn ``p_hat`` into ``u``
+as above. ``beta_dpo`` / ``beta_dpo_filter`` (Wu et al. 2024), ``kl_target``
+(Ziegler et al. 2019) and ``calibration_floor`` compute beta from other
+statistics of the step's pairs; ``kl_target`` needs the chosen and rejected
+log-ratios (``observe_step(margins, extras)``), ``beta_dpo_filter`` also gives
+per-pair loss weights (:meth:`DynamicBetaController.pair_weights`).
+docs/dynamic_beta_rules.md has every formula, docs/dynamic_beta.md the
+measurements behind the defaults.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-RISK_RULES = ("hoeffding", "zscore", "hoeffding_deadband")
+from opensloth.dpo.rules import (
+    KL_ESTIMATORS,
+    P_HAT_TESTS,
+    RULES,
+    RiskResult,
+    StepSignals,
+    get_rule,
+    hoeffding_epsilon,
+    update_beta,
+)
+
+RISK_RULES = tuple(RULES)
 # When beta is updated and from when the new beta is used (opensloth.patches.dpo_dynamic_beta applies it):
 # step: once per optimizer step from the whole global batch, used from the next step (layout-invariant);
 # same_batch: per micro-batch from its margins gathered over the ranks, used in that micro-batch's loss
 #   (SeanYHan888/dynamic_beta); micro_batch: per micro-batch, used from the next micro-batch (dynamic-dpo-v1).
 BETA_TIMINGS = ("step", "same_batch", "micro_batch")
-# Presets: the settings that make the controller reproduce a reference repository (see PRESET_VALUES).
+# Presets: the settings that make the controller reproduce a reference repository (see preset_values).
 PRESETS = ("none", "reference", "reference_v1")
 PHASE_WARMUP = "warmup"
 PHASE_DYNAMIC = "dynamic"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 adds the rule's own state; version-1 states (p_hat rules) still load
+EXTRA_KEYS = ("chosen_logratios", "rejected_logratios")
+
+__all__ = [
+    "BETA_TIMINGS", "PRESETS", "RISK_RULES", "DynamicBetaConfig", "DynamicBetaController", "EMAUpdate", "WarmupQuantileAccumulator",
+    "RiskResult", "empirical_over_threshold_proportion", "hoeffding_epsilon", "margin_summary", "quantile",
+    "preset_values", "risk_test", "split_finite", "split_finite_pairs", "update_beta",
+]
 
 
 # --------------------------------------------------------------------------- config
@@ -95,17 +102,26 @@ class DynamicBetaConfig:
     """Hyper-parameters of the dynamic-beta controller (defaults of the public reference)."""
 
     beta_0: float = field(default=0.1, metadata={"help": "beta during warmup and the start value of the dynamic phase (> 0)."})
-    warmup_steps: int = field(default=120, metadata={"help": "optimizer steps that collect margins for tau_0 while beta stays at beta_0 (>= 1)."})
+    warmup_steps: int = field(default=120, metadata={"help": "optimizer steps that collect margins for tau_0; beta stays at beta_0 unless the rule acts in warmup (beta_dpo, kl_target) (>= 1)."})
     q: float = field(default=0.9, metadata={"help": "quantile of the margins that tau tracks, in (0, 1)."})
     delta: float = field(default=0.1, metadata={"help": "target fraction of margins above tau, in (0, 1); neutral rules need delta = 1 - q."})
     eps0: float = field(default=0.05, metadata={"help": "significance level of the risk test (Hoeffding bound / one-sided z test), in (0, 1)."})
-    ema_lambda: float = field(default=0.05, metadata={"help": "EMA weight of the batch quantile in tau, in (0, 1]."})
-    gamma: float = field(default=2.0, metadata={"help": "slope of s = tanh(gamma * u) (> 0)."})
-    alpha: float = field(default=0.0015, metadata={"help": "step size of log(beta) per optimizer step (>= 0; 0 freezes beta)."})
+    ema_lambda: float = field(default=0.05, metadata={"help": "EMA weight of the batch quantile in tau (and of the calibrated temperature in calibration_floor), in (0, 1]."})
+    gamma: float = field(default=2.0, metadata={"help": "slope of s = tanh(gamma * u) in the p_hat rules and calibration_floor (> 0)."})
+    alpha: float = field(default=0.0015, metadata={"help": "p_hat rules (hoeffding, zscore, hoeffding_deadband): step size of log(beta) per optimizer step (>= 0; 0 freezes beta for them)."})
     beta_min: float = field(default=0.0, metadata={"help": "lower clip of beta (>= 0, <= beta_0)."})
     beta_max: float = field(default=2.0, metadata={"help": "upper clip of beta (finite, >= beta_0)."})
     risk_rule: str = field(default="hoeffding_deadband", metadata={"help": f"risk rule, one of {RISK_RULES}; see docs/dynamic_beta_rules.md."})
     deadband: float = field(default=1.0, metadata={"help": "hoeffding_deadband only: half-width of the dead-band in units of eps (>= 0)."})
+    beta_dpo_a: float = field(default=0.6, metadata={"help": "beta_dpo rules: scaling factor a in beta = beta_0 (1 + a (M_batch - M_run)) (>= 0; Wu et al. 2024 use 0.6)."})
+    beta_dpo_momentum: float = field(default=0.9, metadata={"help": "beta_dpo rules: EMA momentum of the running margin mean and std, in [0, 1)."})
+    beta_dpo_filter_fraction: float = field(default=0.2, metadata={"help": "beta_dpo_filter: fraction of pairs the Gaussian filter drops (for Gaussian margins), in [0, 1)."})
+    beta_dpo_min: float = field(default=1e-3, metadata={"help": "beta_dpo rules: lower bound of the calibrated beta (> 0; the reference uses 1e-3)."})
+    kl_target: float = field(default=6.0, metadata={"help": "kl_target: target KL in nats per completion (> 0; Ziegler et al. 2019 use 6)."})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "kl_target: pairs over which a 20% KL error changes log(beta) by about 0.2 (> 0)."})
+    kl_estimator: str = field(default="reverse", metadata={"help": f"kl_target: KL estimate from the completion log-ratios, one of {KL_ESTIMATORS}.", "choices": KL_ESTIMATORS})
+    calib_r_min: float = field(default=0.3, metadata={"help": "calibration_floor: beta is raised while it is below calib_r_min x the calibrated temperature (> 0)."})
+    calib_rate: float = field(default=0.02, metadata={"help": "calibration_floor: largest change of log(beta) per optimizer step (>= 0)."})
     p_hat_inclusive: bool = field(default=False, metadata={"help": "p_hat counts margins >= tau (the reference code) instead of > tau (at the start of LoRA training every margin is 0 = tau)."})
     beta_timing: str = field(default="step", metadata={"help": f"one of {BETA_TIMINGS}: step = per optimizer step from the global batch, used from the next step; same_batch = per micro-batch, gathered over ranks, used in that micro-batch's loss; micro_batch = per micro-batch, used from the next one. warmup_steps counts updates."})
     preset: str = field(default="none", metadata={"help": f"one of {PRESETS}: reference = SeanYHan888/dynamic_beta (hoeffding, q = 1 - delta, >=, same_batch); reference_v1 = dynamic-dpo-v1 (zscore, q = 1 - delta, >=, micro_batch)."})
@@ -123,7 +139,9 @@ class DynamicBetaConfig:
                     f"drop {name} or the preset")
             object.__setattr__(self, name, value)  # frozen dataclass: the preset fills the fields once, here
 
-        for name in ("beta_0", "q", "delta", "eps0", "ema_lambda", "gamma", "alpha", "beta_min", "beta_max", "deadband"):
+        for name in ("beta_0", "q", "delta", "eps0", "ema_lambda", "gamma", "alpha", "beta_min", "beta_max", "deadband",
+                     "beta_dpo_a", "beta_dpo_momentum", "beta_dpo_filter_fraction", "beta_dpo_min", "kl_target",
+                     "kl_horizon", "calib_r_min", "calib_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 bad(name, "is not a finite number", "pass a finite float")
@@ -147,12 +165,33 @@ class DynamicBetaConfig:
             bad("beta_min", "must be >= 0", "use 0.0 for no lower clip")
         if not self.beta_min <= self.beta_0 <= self.beta_max:
             bad("beta_0", f"must lie in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]", "widen the clip range or change beta_0")
-        if self.risk_rule not in RISK_RULES:
-            bad("risk_rule", f"is not one of {RISK_RULES}", "pick one (hoeffding_deadband is neutral at the steady state)")
+        if self.risk_rule not in RULES:  # the live registry: rules registered after import count too
+            bad("risk_rule", f"is not one of {tuple(RULES)}", "pick one (docs/dynamic_beta.md says which and why)")
         if self.deadband < 0:
             bad("deadband", "must be >= 0", "use 1.0 (the Hoeffding bound) or 0 for no dead-band")
+        if self.beta_dpo_a < 0:
+            bad("beta_dpo_a", "must be >= 0", "use e.g. 0.6")
+        if not 0 <= self.beta_dpo_momentum < 1:
+            bad("beta_dpo_momentum", "must lie in [0, 1)", "use e.g. 0.9")
+        if not 0 <= self.beta_dpo_filter_fraction < 1:
+            bad("beta_dpo_filter_fraction", "must lie in [0, 1)", "use e.g. 0.2, or 0 to keep every pair")
+        if self.beta_dpo_min <= 0:
+            bad("beta_dpo_min", "must be > 0", "use e.g. 1e-3")
+        if self.kl_target <= 0:
+            bad("kl_target", "must be > 0", "use e.g. 6.0 (nats per completion)")
+        if self.kl_horizon <= 0:
+            bad("kl_horizon", "must be > 0", "use e.g. 10000 (pairs)")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            bad("kl_estimator", f"is not one of {KL_ESTIMATORS}", "use 'reverse'")
+        if self.calib_r_min <= 0:
+            bad("calib_r_min", "must be > 0", "use e.g. 0.3")
+        if self.calib_rate < 0:
+            bad("calib_rate", "must be >= 0", "use e.g. 0.02, or 0 to freeze beta")
         if self.beta_timing not in BETA_TIMINGS:
             bad("beta_timing", f"is not one of {BETA_TIMINGS}", "step keeps every layout equivalent")
+        if self.beta_timing != "step" and self.risk_rule not in P_HAT_TESTS:
+            bad("beta_timing", f"updates per micro-batch, which the p_hat rules {tuple(P_HAT_TESTS)} support",
+                "use beta_timing: step with this rule")
 
     @classmethod
     def from_dict(cls, values: dict) -> "DynamicBetaConfig":
@@ -193,6 +232,22 @@ def split_finite(values: Iterable[float]) -> tuple[list[float], int]:
     return kept, dropped
 
 
+def split_finite_pairs(margins: Iterable[float], extras: Mapping | None) -> tuple[list[float], dict, int]:
+    """Drop every pair whose margin or log-ratio is NaN/inf, keeping margins and extras aligned.
+
+    Returns ``(margins, extras, dropped)`` with the same keys in ``extras`` (lists
+    of floats). Raises ValueError when an extra's length differs from the margins'.
+    """
+    margins = [float(m) for m in margins]
+    extras = {k: [float(v) for v in vals] for k, vals in (extras or {}).items()}
+    for key, vals in extras.items():
+        if len(vals) != len(margins):
+            raise ValueError(f"extras[{key!r}] has {len(vals)} values for {len(margins)} margins")
+    keep = [i for i, m in enumerate(margins)
+            if math.isfinite(m) and all(math.isfinite(vals[i]) for vals in extras.values())]
+    return [margins[i] for i in keep], {k: [v[i] for i in keep] for k, v in extras.items()}, len(margins) - len(keep)
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation quantile (torch.quantile / numpy default) of a non-empty sequence.
 
@@ -219,61 +274,23 @@ def empirical_over_threshold_proportion(margins: Sequence[float], tau: float, in
     return sum(1 for m in margins if m > tau) / len(margins)
 
 
-def hoeffding_epsilon(n: int, eps0: float) -> float:
-    """Hoeffding bound ``sqrt(ln(1/eps0) / (2n))`` for a proportion of ``n`` samples."""
-    if n < 1:
-        raise ValueError(f"n={n} must be >= 1")
-    return math.sqrt(math.log(1.0 / eps0) / (2.0 * n))
-
-
-@dataclass(frozen=True)
-class RiskResult:
-    """Outcome of :func:`risk_test` for one step."""
-
-    risk_over: bool
-    u: float
-    eps: float  # Hoeffding eps (hoeffding rules) or the z-test standard error (zscore)
-    threshold: float  # p_hat above this flags over-risk
-
-
 def risk_test(p_hat: float, n: int, *, delta: float, eps0: float, rule: str, deadband: float = 1.0) -> RiskResult:
-    """Risk test and the signed statistic ``u`` that drives the beta update.
+    """Risk test and the signed statistic ``u`` of a p_hat rule (``hoeffding``, ``zscore``, ``hoeffding_deadband``).
 
     Args:
         p_hat: fraction of the step's margins above tau.
         n: number of (finite) margins behind ``p_hat``, >= 1.
         delta, eps0: target proportion and significance level.
-        rule: one of :data:`RISK_RULES` (formulas in the module docstring).
+        rule: one of the p_hat rules (formulas in :mod:`opensloth.dpo.rules`).
         deadband: half-width of the dead-band in units of eps (``hoeffding_deadband``).
 
     Returns:
-        :class:`RiskResult`. Raises ValueError for an unknown rule or ``n < 1``.
+        :class:`RiskResult`. Raises ValueError for a rule that is not a p_hat rule or ``n < 1``.
     """
-    if rule == "hoeffding":
-        eps = hoeffding_epsilon(n, eps0)
-        threshold = delta + eps
-        return RiskResult(p_hat > threshold, (p_hat - threshold) / eps, eps, threshold)
-    if rule == "hoeffding_deadband":
-        eps = hoeffding_epsilon(n, eps0)
-        d = p_hat - delta
-        excess = max(abs(d) - deadband * eps, 0.0)
-        u = math.copysign(excess, d) / eps if excess > 0 else 0.0
-        return RiskResult(p_hat > delta + eps, u, eps, delta + eps)
-    if rule == "zscore":
-        if n < 1:
-            raise ValueError(f"n={n} must be >= 1")
-        se = math.sqrt(delta * (1.0 - delta) / n)
-        z_crit = statistics.NormalDist().inv_cdf(1.0 - eps0)
-        u = (p_hat - delta) / se
-        return RiskResult(u > z_crit, u, se, delta + z_crit * se)
-    raise ValueError(f"unknown risk rule {rule!r}; expected one of {RISK_RULES}")
-
-
-def update_beta(beta: float, u: float, *, alpha: float, gamma: float, beta_min: float, beta_max: float) -> tuple[float, float]:
-    """``(clip(beta * exp(alpha * tanh(gamma * u)), beta_min, beta_max), s)``."""
-    s = math.tanh(gamma * u)
-    new_beta = beta * math.exp(alpha * s)
-    return min(max(new_beta, beta_min), beta_max), s
+    test = P_HAT_TESTS.get(rule)
+    if test is None:
+        raise ValueError(f"unknown p_hat risk rule {rule!r}; expected one of {tuple(P_HAT_TESTS)}")
+    return test(p_hat, n, delta=delta, eps0=eps0, deadband=deadband)
 
 
 def margin_summary(margins: Sequence[float]) -> dict:
@@ -331,12 +348,14 @@ class EMAUpdate:
 class DynamicBetaController:
     """Warmup -> dynamic-phase beta controller; one :meth:`observe_step` per optimizer step.
 
-    ``beta`` is the value the loss must use for the next step. All state is
-    plain floats/lists, exported by :meth:`state_dict` (JSON-serialisable).
+    ``beta`` is the value the loss must use for the next step. The rule is
+    looked up in :data:`opensloth.dpo.rules.RULES` by ``config.risk_rule``. All
+    state is plain floats/lists, exported by :meth:`state_dict` (JSON-serialisable).
     """
 
     def __init__(self, config: DynamicBetaConfig):
         self.config = config
+        self.rule = get_rule(config.risk_rule)
         self.step = 0  # optimizer steps observed so far
         self.beta = float(config.beta_0)
         self.phase = PHASE_WARMUP
@@ -344,17 +363,59 @@ class DynamicBetaController:
         self.warmup = WarmupQuantileAccumulator(config.q)
         self._ema: EMAUpdate | None = None
         self.nonfinite_total = 0
+        self.rule_state: dict = self.rule.initial_state(config)
 
-    def observe_step(self, margins: Iterable[float]) -> list[dict]:
+    @property
+    def needs_logratios(self) -> bool:
+        """True when the rule reads the chosen/rejected log-ratios: pass them as ``extras``."""
+        return self.rule.needs_logratios
+
+    def pair_weights(self, margins: Sequence[float]) -> list[float] | None:
+        """Loss weight of each pair of the *current* step (None: the rule does not filter).
+
+        A pure function of the state at the start of the step and each pair's
+        own margin, so it is the same on every rank and in every micro-batch
+        layout. The loss multiplies each pair's term by its weight and keeps
+        its usual mean over the pairs. A NaN/inf margin gets weight 1 (the loss
+        is not finite either way).
+        """
+        if self.rule.pair_weights is None:
+            return None
+        margins = [float(m) for m in margins]
+        finite = [m for m in margins if math.isfinite(m)]
+        weights = iter(self.rule.pair_weights(self.config, self.rule_state, finite))
+        return [next(weights) if math.isfinite(m) else 1.0 for m in margins]
+
+    def observe_step(self, margins: Iterable[float], extras: Mapping | None = None) -> list[dict]:
         """Feed the global-batch margins of the step just finished.
 
-        NaN/inf margins are dropped (counted in ``n_nonfinite``); a step with no
-        finite margin leaves tau and beta unchanged. Returns the records to log:
-        the step record, preceded by a ``warmup_end`` record on the step that
-        ends warmup.
+        Args:
+            margins: one margin per pair of the global batch (all ranks, all micro-batches).
+            extras: optional per-pair values aligned with ``margins``:
+                ``chosen_logratios`` and ``rejected_logratios`` (``logp - ref_logp``
+                of each completion). Required when :attr:`needs_logratios`.
+
+        A pair with a NaN/inf value is dropped (counted in ``n_nonfinite``); a
+        step with no finite pair leaves tau, beta and the rule's state unchanged.
+        Only order-independent statistics are used, so the order of the pairs
+        (rank order, micro-batch order) does not change any number.
+
+        Returns:
+            The records to log: the step record, preceded by a ``warmup_end``
+            record on the step that ends warmup.
+
+        Raises:
+            ValueError: the rule needs log-ratios and ``extras`` lacks them, or
+                an extra's length differs from the margins'.
         """
         cfg = self.config
-        finite, dropped = split_finite(margins)
+        unknown = sorted(set(extras or {}) - set(EXTRA_KEYS))
+        if unknown:
+            raise ValueError(f"unknown extras {unknown}; known: {list(EXTRA_KEYS)}")
+        if self.rule.needs_logratios and not all(k in (extras or {}) for k in EXTRA_KEYS):
+            raise ValueError(f"risk rule {cfg.risk_rule!r} needs extras {list(EXTRA_KEYS)} "
+                             "(the chosen and rejected log-ratios of every pair); the trainer must pass them")
+        finite, finite_extras, dropped = split_finite_pairs(margins, extras)
         self.nonfinite_total += dropped
         step = self.step
         beta_used = self.beta
@@ -367,7 +428,9 @@ class DynamicBetaController:
             "margins": margin_summary(finite),
         }
         records = []
-        if self.phase == PHASE_WARMUP:
+        in_warmup = self.phase == PHASE_WARMUP
+        p_hat = None
+        if in_warmup:
             self.warmup.update(finite)
             if step + 1 >= cfg.warmup_steps:
                 tau_0 = self.warmup.finalize()
@@ -384,17 +447,24 @@ class DynamicBetaController:
                     "n_warmup_margins": len(self.warmup.values),
                 })
                 self.warmup.values = []  # no longer needed; keeps checkpoints small
-            record.update(tau=self.tau, p_hat=None, risk_over=False, u=0.0, s=0.0, eps=None)
         elif finite:
             self.tau = self._ema.update(finite)
             p_hat = empirical_over_threshold_proportion(finite, self.tau, cfg.p_hat_inclusive)
-            risk = risk_test(p_hat, len(finite), delta=cfg.delta, eps0=cfg.eps0, rule=cfg.risk_rule, deadband=cfg.deadband)
-            self.beta, s = update_beta(
-                self.beta, risk.u, alpha=cfg.alpha, gamma=cfg.gamma, beta_min=cfg.beta_min, beta_max=cfg.beta_max
-            )
-            record.update(tau=self.tau, p_hat=p_hat, risk_over=risk.risk_over, u=risk.u, s=s, eps=risk.eps)
-        else:
-            record.update(tau=self.tau, p_hat=None, risk_over=False, u=0.0, s=0.0, eps=None, skipped=True)
+        record.update(tau=self.tau, p_hat=p_hat, risk_over=False, u=0.0, s=0.0, eps=None)
+        if finite:
+            signals = StepSignals(
+                step=step, in_warmup=in_warmup, margins=tuple(finite),
+                chosen_logratios=tuple(finite_extras["chosen_logratios"]) if "chosen_logratios" in finite_extras else None,
+                rejected_logratios=tuple(finite_extras["rejected_logratios"]) if "rejected_logratios" in finite_extras else None,
+                tau=self.tau, p_hat=p_hat)
+            out = self.rule.update(cfg, self.rule_state, self.beta, signals)
+            self.rule_state = out.state
+            record.update(out.record)
+            if not in_warmup or self.rule.acts_in_warmup:
+                self.beta = out.beta
+                record.update(risk_over=out.risk_over, u=out.u, s=out.s, eps=out.eps)
+        elif not in_warmup:
+            record["skipped"] = True
         record["beta_next"] = self.beta
         self.step += 1
         records.append(record)
@@ -402,10 +472,11 @@ class DynamicBetaController:
 
     def digest(self) -> tuple:
         """The values every rank must agree on bit for bit (compared across ranks each step)."""
-        return (self.step, self.phase, self.beta, self.tau, len(self.warmup.values))
+        return (self.step, self.phase, self.beta, self.tau, len(self.warmup.values),
+                tuple(sorted(self.rule_state.items())))
 
     def state_dict(self) -> dict:
-        """JSON-serialisable state: phase, warmup buffer, tau, beta, step, config."""
+        """JSON-serialisable state: phase, warmup buffer, tau, beta, step, the rule's state, config."""
         return {
             "version": STATE_VERSION,
             "step": self.step,
@@ -414,18 +485,20 @@ class DynamicBetaController:
             "tau": self.tau,
             "warmup_margins": list(self.warmup.values),
             "nonfinite_total": self.nonfinite_total,
+            "rule_state": dict(self.rule_state),
             "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
         }
 
     def load_state_dict(self, state: dict, *, strict_config: bool = True) -> None:
-        """Restore :meth:`state_dict` output.
+        """Restore :meth:`state_dict` output (version 1 or 2).
 
         With ``strict_config`` a checkpoint written under a different config
         raises ValueError naming the differing keys (a silent change would
-        break the beta trajectory).
+        break the beta trajectory). Keys the checkpoint does not have (fields
+        added later) are not compared.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"dynamic-beta state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"dynamic-beta state version {state.get('version')!r} is not 1 or {STATE_VERSION}")
         if strict_config:
             mine = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
             theirs = state.get("config", {})
@@ -442,4 +515,5 @@ class DynamicBetaController:
         self.tau = None if state["tau"] is None else float(state["tau"])
         self.warmup.values = [float(v) for v in state["warmup_margins"]]
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.rule_state = dict(state.get("rule_state", self.rule.initial_state(self.config)))
         self._ema = EMAUpdate(self.tau, self.config.q, self.config.ema_lambda) if self.phase == PHASE_DYNAMIC else None

@@ -19,20 +19,34 @@ import random
 from dataclasses import replace
 
 from opensloth.dpo.controller import RISK_RULES, DynamicBetaConfig, DynamicBetaController
+from opensloth.dpo.rules import P_HAT_TESTS
+
+P_HAT_RULES = tuple(P_HAT_TESTS)  # the rules built around a p_hat steady state; the drift table covers them
+
+
+# Rules that read the completion log-ratios get chosen = M/2 - OFFSET, rejected = -M/2 - OFFSET:
+# both completions lose OFFSET nats on average (a KL(ref || policy) estimate of OFFSET), the margin is unchanged.
+LOGRATIO_OFFSET = 1.0
 
 
 def simulate(config: DynamicBetaConfig, *, n: int, steps: int, seed: int, scale=None) -> list[float]:
     """beta after each of ``steps`` steps fed ``n`` margins ``scale(t) * N(0.5, 1)``.
 
     ``scale`` maps the step to a multiplier (constant 1 when None): the
-    stationary case, or a growing spread that mimics over-optimisation.
+    stationary case, or a growing spread that mimics over-optimisation. The
+    chosen and rejected log-ratios are ``M/2 - OFFSET`` and ``-M/2 - OFFSET``
+    (``LOGRATIO_OFFSET``), so the margins, and so the p_hat rules, do not
+    depend on them.
     """
     rng = random.Random(seed)
     ctrl = DynamicBetaController(config)
     betas = []
     for t in range(steps):
         k = 1.0 if scale is None else scale(t)
-        ctrl.observe_step([k * rng.gauss(0.5, 1.0) for _ in range(n)])
+        margins = [k * rng.gauss(0.5, 1.0) for _ in range(n)]
+        extras = {"chosen_logratios": [m / 2 - LOGRATIO_OFFSET for m in margins],
+                  "rejected_logratios": [-m / 2 - LOGRATIO_OFFSET for m in margins]}
+        ctrl.observe_step(margins, extras)
         betas.append(ctrl.beta)
     return betas
 
@@ -65,7 +79,8 @@ def shift_response(config: DynamicBetaConfig, scenario: str, *, n: int, steps: i
     return sum(out) / len(out)
 
 
-def drift_table(batch_sizes=(16, 64, 256), base: DynamicBetaConfig | None = None, steps: int = 2000) -> str:
+def drift_table(batch_sizes=(16, 64, 256), base: DynamicBetaConfig | None = None, steps: int = 2000,
+                rules=P_HAT_RULES) -> str:
     """Markdown table: drift per 100 steps (stationary) and the response to growing margins, per rule and n."""
     base = base or DynamicBetaConfig()
     lines = [
@@ -73,7 +88,7 @@ def drift_table(batch_sizes=(16, 64, 256), base: DynamicBetaConfig | None = None
         "| jump x3: d log(beta) in 300 steps | trend 1x->4x: d log(beta) in 300 steps |",
         "|---|---|---|---|---|---|",
     ]
-    for rule in RISK_RULES:
+    for rule in rules:
         cfg = replace(base, risk_rule=rule)
         for n in batch_sizes:
             d = drift_per_100(cfg, n=n, steps=steps)
@@ -87,8 +102,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="dynamic-phase steps per simulated run")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64, 256], help="global batch sizes n")
+    parser.add_argument("--rules", nargs="+", default=list(P_HAT_RULES), choices=list(RISK_RULES),
+                        help="risk rules (default: the p_hat rules; any registered rule can be simulated)")
     args = parser.parse_args(argv)
-    print(drift_table(tuple(args.batch_sizes), steps=args.steps))
+    print(drift_table(tuple(args.batch_sizes), steps=args.steps, rules=args.rules))
 
 
 if __name__ == "__main__":

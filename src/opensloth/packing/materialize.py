@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from opensloth.log import warn_once
 from opensloth.packing.partition import best_fit_decreasing
 from opensloth.packing.planner import LAYOUTS
 
@@ -25,6 +26,8 @@ OVERFLOW_POLICIES = ("error", "truncate", "split")
 
 __all__ = [
     "IGNORE_INDEX",
+    "LEGACY_ATTN_MODES",
+    "LEGACY_MAX_SEQL",
     "OVERFLOW_POLICIES",
     "Segment",
     "apply_overflow",
@@ -286,13 +289,21 @@ def build_micro_batch(
     return batch, segments
 
 
+LEGACY_MAX_SEQL = 64
+LEGACY_ATTN_MODES = ("tri", "dense", "diag")
+
+
 def pack(
     batch: Mapping[str, Any],
-    max_seql: int,
+    max_seql: int | None = None,
+    pad_token_id: int | None = None,
+    pad_label_id: int = IGNORE_INDEX,
+    device: Any = None,
+    return_token_mask: bool | None = None,
+    attn_mode: str | None = None,
     *,
     attention: str = "4d",
-    overflow: str = "error",
-    pad_token_id: int = 0,
+    overflow: str | None = None,
     mask_dtype: "torch.dtype | None" = None,
     return_segments: bool = False,
 ):
@@ -307,6 +318,7 @@ def pack(
         batch: ``input_ids``, ``attention_mask``, ``labels`` (see
             :func:`sequences_from_batch` for the accepted forms).
         max_seql: row capacity in tokens.
+        pad_token_id: padding token (default 0).
         attention: ``"4d"``: rows with a 4D block-causal float mask (SDPA,
             eager). ``"varlen"``: the rows concatenated into one padding-free
             row with ``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attention
@@ -314,9 +326,15 @@ def pack(
             ``use_cache=False``).
         overflow: policy for sequences longer than ``max_seql``: ``"error"``
             (default), ``"truncate"`` or ``"split"`` (:func:`apply_overflow`).
-        pad_token_id: padding token.
         mask_dtype: dtype of the 4D mask (default float32; use the model's).
         return_segments: also return the list of :class:`Segment`.
+
+    The original OpenSloth's call, ``pack(batch, max_seql=64, pad_token_id=None,
+    pad_label_id=-100, device=None, return_token_mask=True, attn_mode="tri")``,
+    works too: omitting ``max_seql`` or passing ``pad_label_id``, ``device``,
+    ``return_token_mask`` or ``attn_mode`` selects its output (see
+    :func:`_legacy_output`), splits over-long rows as it did, infers a missing
+    ``pad_token_id`` from the padding, and warns once about what differs.
 
     Returns:
         The packed batch (dict of tensors), or ``(batch, segments)``.
@@ -327,10 +345,31 @@ def pack(
             the shortest sequence), or no label left to train on (every label
             is -100 once the first token of each sequence is masked).
     """
+    legacy = (max_seql is None or device is not None or return_token_mask is not None or attn_mode is not None
+              or pad_label_id != IGNORE_INDEX)
     if attention not in ("4d", "varlen"):
         raise ValueError(f"attention must be '4d' or 'varlen', got {attention!r}")
+    if legacy:
+        attn_mode = "tri" if attn_mode is None else attn_mode
+        if attn_mode not in LEGACY_ATTN_MODES:
+            raise ValueError(f"attn_mode must be one of {LEGACY_ATTN_MODES}, got {attn_mode!r}")
+        if attention != "4d" or return_segments:
+            raise ValueError("pack(): the original OpenSloth's arguments (device, return_token_mask, attn_mode, "
+                             "pad_label_id, a default max_seql) give its output; drop them to use attention= or "
+                             "return_segments=")
+        max_seql = LEGACY_MAX_SEQL if max_seql is None else max_seql
+        overflow = "split" if overflow is None else overflow
+        if pad_token_id is None:
+            pad_token_id = _infer_pad_token_id(batch)
+        warn_once(
+            "pack() called with the original OpenSloth's arguments: its output keys and bool (rows, L, L) "
+            "attention_mask are kept and over-long samples are split as before, but the first label of every "
+            "packed sequence (and of every split piece) is -100: the original trained the last token of one "
+            "sequence to predict the first of the next. For transformers' 4D mask call "
+            "pack(batch, max_seql, attention='4d').", key="pack-legacy")
+    pad_token_id = 0 if pad_token_id is None else pad_token_id
     sequences = sequences_from_batch(batch)
-    pieces, source = apply_overflow(sequences, int(max_seql), overflow)
+    pieces, source = apply_overflow(sequences, int(max_seql), overflow or "error")
     if not any(bool((y[1:] != IGNORE_INDEX).any()) for _, y in pieces):
         raise ValueError(
             "every label in the batch is masked (-100), so it would train nothing; "
@@ -345,4 +384,60 @@ def pack(
         mask_dtype=mask_dtype,
         sources=source,
     )
+    if legacy:
+        return _legacy_output(out, segments, pad_label_id=pad_label_id, attn_mode=attn_mode, device=device,
+                              return_token_mask=return_token_mask is not False)
     return (out, segments) if return_segments else out
+
+
+def _infer_pad_token_id(batch: Mapping[str, Any]) -> int:
+    """The original's guess: the token right after the real tokens of the first right-padded row, else 0."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return 0
+    for ids, row_mask in zip(batch["input_ids"], mask):
+        row_mask, ids = _as_1d_long(row_mask), _as_1d_long(ids)
+        used = int(row_mask.sum())
+        if used < row_mask.numel():
+            return int(ids[used])
+    return 0
+
+
+def _legacy_output(out, segments, *, pad_label_id: int, attn_mode: str, device, return_token_mask: bool):
+    """The original OpenSloth's ``pack`` output from a ``rows4d`` micro-batch.
+
+    Keys: ``input_ids``, ``labels`` (``pad_label_id`` on padding),
+    ``position_ids`` (0 on padding), ``attention_mask`` (bool ``(rows, L, L)``,
+    True where attention is allowed: causal ``"tri"``, full ``"dense"`` or
+    ``"diag"`` blocks per sequence; padding attends nowhere), ``packed_lengths``
+    (tokens used per row) and, unless ``return_token_mask=False``,
+    ``token_mask`` (1 on each row's used prefix).
+    """
+    import torch
+
+    n_rows, width = out["input_ids"].shape
+    lengths = torch.zeros(n_rows, dtype=torch.long)
+    allowed = torch.zeros((n_rows, width, width), dtype=torch.bool)
+    for seg in segments:
+        lengths[seg.row] += seg.length
+        block = slice(seg.start, seg.start + seg.length)
+        if attn_mode == "tri":
+            allowed[seg.row, block, block] = torch.ones((seg.length, seg.length), dtype=torch.bool).tril()
+        elif attn_mode == "dense":
+            allowed[seg.row, block, block] = True
+        else:
+            allowed[seg.row, block, block] = torch.eye(seg.length, dtype=torch.bool)
+    token_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    labels = out["labels"].masked_fill(token_mask == 0, pad_label_id)
+    result = {
+        "input_ids": out["input_ids"],
+        "labels": labels,
+        "position_ids": out["position_ids"] * token_mask,
+        "attention_mask": allowed,
+        "packed_lengths": lengths,
+    }
+    if return_token_mask:
+        result["token_mask"] = token_mask
+    if device is not None:
+        result = {k: v.to(device) for k, v in result.items()}
+    return result

@@ -10,6 +10,7 @@ explicitly; this package imports nothing heavy.
 - :mod:`~opensloth.patches.batch_samples` -- cross-rank balanced packing of every SFT step.
 - :mod:`~opensloth.patches.prepare_alone` -- accelerate's main-process-first, scoped to the cache builder.
 - :mod:`~opensloth.patches.dpo_dynamic_beta` -- dynamic beta inside TRL's DPOTrainer.
+- :mod:`~opensloth.patches.deterministic_sampler` -- sequential samplers, no shuffling (a debugging aid).
 """
 
 from opensloth.patches.registry import PatchRecord, PatchTargetError, applied_patches

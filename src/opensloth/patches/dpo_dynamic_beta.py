@@ -116,8 +116,8 @@ def capture_fused_log_probs(*modules, keep_graph: bool = False):
             handle.remove()
 
 
-def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
-    """Per-pair margins ``(logp_w - ref_w) - (logp_l - ref_l)`` with TRL's order of operations.
+def logratios_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
+    """Per-pair ``(logp_w - ref_w, logp_l - ref_l)`` with TRL's order of operations.
 
     ``captured`` holds the policy pass and (unless ``precomputed_ref``) the
     reference pass; the batch is ``[chosen; rejected]`` along dim 0.
@@ -134,8 +134,12 @@ def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
         ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
     else:
         ref_chosen_logps, ref_rejected_logps = captured[1][:, -seq_len:].sum(dim=1).chunk(2, dim=0)
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
+    return chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+
+
+def margins_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
+    """Per-pair margins ``(logp_w - ref_w) - (logp_l - ref_l)`` with TRL's order of operations."""
+    chosen_logratios, rejected_logratios = logratios_from_log_probs(captured, inputs, precomputed_ref)
     return chosen_logratios - rejected_logratios
 
 
@@ -179,6 +183,8 @@ class DynamicBetaRuntime:
         self.trainer = trainer
         self.controller = DynamicBetaController(config)
         self.pending: list[float] = []  # this rank's margins of the current optimizer step
+        # this rank's chosen / rejected log-ratios of the step, kept only for rules that read them
+        self.pending_logratios: dict[str, list[float]] = {"chosen_logratios": [], "rejected_logratios": []}
         self.margins_log_path = margins_log_path
         self.is_main = trainer.accelerator.is_main_process
         self.last_records: list[dict] = []
@@ -193,9 +199,13 @@ class DynamicBetaRuntime:
         """Beta of the current optimizer step (fixed until the step ends)."""
         return self.controller.beta
 
-    def add_margins(self, margins: list[float]) -> None:
-        """Buffer this rank's margins of one micro-batch (plain floats)."""
+    def add_margins(self, margins: list[float], chosen_logratios: list[float] | None = None,
+                    rejected_logratios: list[float] | None = None) -> None:
+        """Buffer this rank's margins (and, for rules that read them, log-ratios) of one micro-batch."""
         self.pending.extend(margins)
+        if self.controller.needs_logratios:
+            self.pending_logratios["chosen_logratios"].extend(chosen_logratios)
+            self.pending_logratios["rejected_logratios"].extend(rejected_logratios)
 
     def begin_epoch(self, epoch: float) -> None:
         """The Trainer starts epoch ``floor(epoch)`` (its fractional epoch count so far)."""
@@ -215,7 +225,9 @@ class DynamicBetaRuntime:
                 f"dynamic-beta controller has seen {self.controller.step} steps but the trainer finished "
                 f"step {global_step}; was the controller state restored on resume?"
             )
-        return self._update(local, global_step, epoch)
+        local_lr = self.pending_logratios
+        self.pending_logratios = {"chosen_logratios": [], "rejected_logratios": []}
+        return self._update(local, global_step, epoch, local_lr)
 
     def update_micro_batch(self, local: list[float]) -> list[dict]:
         """``same_batch`` / ``micro_batch`` timings: update from this micro-batch's margins, gathered over ranks.
@@ -225,14 +237,21 @@ class DynamicBetaRuntime:
         state = self.trainer.state
         return self._update(local, state.global_step + 1, state.epoch)
 
-    def _update(self, local: list[float], global_step: int, epoch: float | None) -> list[dict]:
+    def _update(self, local: list[float], global_step: int, epoch: float | None,
+                local_lr: dict | None = None) -> list[dict]:
         beta_old, update = self.controller.beta, self.controller.step
-        gathered = all_gather_object_list({"digest": self.controller.digest(), "margins": local})
+        payload = {"digest": self.controller.digest(), "margins": local}
+        if self.controller.needs_logratios:
+            payload.update(local_lr)
+        gathered = all_gather_object_list(payload)
         digests = [g["digest"] for g in gathered]
         if any(d != digests[0] for d in digests):
             raise RuntimeError(f"dynamic-beta controller state differs across ranks: {digests}")
         margins = [m for g in gathered for m in g["margins"]]  # rank order, then micro-batch order
-        records = self.controller.observe_step(margins)
+        extras = None
+        if self.controller.needs_logratios:  # same order as the margins
+            extras = {k: [v for g in gathered for v in g[k]] for k in ("chosen_logratios", "rejected_logratios")}
+        records = self.controller.observe_step(margins, extras)
         for rec in records:
             rec["global_step"] = global_step
             if rec["type"] == "warmup_end":
@@ -308,6 +327,7 @@ class DynamicBetaRuntime:
         with open(path) as fh:
             self.controller.load_state_dict(json.load(fh))
         self.pending = []
+        self.pending_logratios = {"chosen_logratios": [], "rejected_logratios": []}
         if self.on_update is not None and hasattr(self.on_update, "append"):
             self.on_update.append = True  # continue the extra logs of the interrupted run
         log_rank0(f"dynamic beta: resumed from {path} at step {self.controller.step} "
@@ -361,13 +381,15 @@ def _make_compute_loss(original):
         # The policy pass, then the reference pass: the adapter-disabled policy (LoRA) or the separate ref_model.
         with capture_fused_log_probs(self.model, getattr(self, "ref_model", None), keep_graph=same_batch) as captured:
             result = original(self, model, inputs, return_outputs)
-        margin_tensor = margins_from_log_probs(captured, inputs, self.precompute_ref_logps)
+        chosen, rejected = logratios_from_log_probs(captured, inputs, self.precompute_ref_logps)
+        margin_tensor = chosen - rejected
         margins = margin_tensor.detach().double().cpu().tolist()
         check_loss_matches(result[0] if return_outputs else result, margins, self.beta, self.loss_weights[0])
         if not training:
             return result  # evaluation never moves the controller
+        chosen_lr, rejected_lr = chosen.detach().double().cpu().tolist(), rejected.detach().double().cpu().tolist()
         if not runtime.per_micro_batch:
-            runtime.add_margins(margins)
+            runtime.add_margins(margins, chosen_lr, rejected_lr)
             return result
         runtime.update_micro_batch(margins)  # collective: every rank's margins of this micro-batch
         if not same_batch:
@@ -483,6 +505,9 @@ def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path:
     if getattr(trainer, RUNTIME_ATTR, None) is not None:
         raise RuntimeError("a dynamic-beta controller is already attached to this trainer")
     _check_supported(trainer)
+    if DynamicBetaController(config).rule.pair_weights is not None:
+        raise ValueError(f"risk_rule {config.risk_rule!r} filters pairs with per-pair loss weights, which this "
+                         "trainer does not apply yet; use risk_rule 'beta_dpo' (the same calibration without the filter)")
     if margins_log_path is None:
         margins_log_path = os.path.join(trainer.args.output_dir, "logs", "margins", "margins.jsonl")
     runtime = DynamicBetaRuntime(trainer, config, margins_log_path, on_update=on_update)

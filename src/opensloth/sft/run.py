@@ -53,13 +53,16 @@ class SFTSettings:
     logging_steps: int = setting(1, "log the loss every N steps")
     save_steps: int = setting(0, "save a checkpoint every N steps (0: only at the end)")
     seed: int = setting(3407, "seed for LoRA init and data order (same on all ranks)")
-    no_patches: bool = setting(False, "disable the optional speed patches (batch repacking / cross-rank balancing)")
+    no_patches: bool = setting(False, "disable the optional speed patches (batch repacking / cross-rank balancing); "
+                                      "the run dir gets the suffix _nopatches")
+    use_patches: bool = setting(False, "accepted for the original OpenSloth's command lines: the patches are on "
+                                       "unless --no_patches, which wins when both are given")
     packing_layout: str = setting("auto", "micro-batch layout of the batch patch: padding-free varlen rows, packed "
                                           "rows with a 4D block mask, or padded rows (auto picks for the attention "
                                           "backend)", choices=PACKING_LAYOUTS)
     debug_dataloader: bool = setting(False, "write an HTML preview of the first batches (trained/masked tokens, "
                                             "boundaries) to .log/")
-    experiment_name: str = setting("sft", "run name; the run dir is <output_dir>/<name>_ws<N>")
+    experiment_name: str = setting("sft", "run name; the run dir is <output_dir>/<name>_ws<N>[_nopatches]")
     output_dir: str = setting("outputs", "parent folder of run directories")
     backend: str = setting("auto", "unsloth (FastLanguageModel), hf (transformers + PEFT), or auto (unsloth if "
                                    "installed)", choices=BACKENDS)
@@ -73,14 +76,14 @@ class SFTSettings:
     skip_prepare: bool = setting(False, "train from a tokenized dataset written by precompute_dataset.py")
     prepared_dataset_path: str | None = setting(None, "folder with train/ (and val/) from precompute_dataset.py; "
                                                       "needs --skip_prepare")
-    cache_dir: str = setting("data/cache", "tokenized-dataset cache shared by all ranks and later launches "
-                                           "('' disables it)")
+    cache_dir: str | None = setting(None, "tokenized-dataset cache shared by all ranks and later launches (default: "
+                                          "$OPENSLOTH_CACHE_DIR, else ~/.cache/opensloth/datasets; '' disables it)")
 
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise UserInputError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8")
         if self.skip_prepare and not self.prepared_dataset_path:
-            raise UserInputError("--skip_prepare needs --prepared_dataset_path data/precomputed/<name>")
+            raise UserInputError("--skip_prepare needs --prepared_dataset_path outputs/precomputed/<name>")
         if self.prepared_dataset_path and not self.skip_prepare:
             raise UserInputError("--prepared_dataset_path is only read with --skip_prepare; add --skip_prepare")
         for name in ("train_samples", "test_samples"):
