@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         if settings.reference_logs:  # the dynamic-DPO repositories' file names and keys, beside ours
             from opensloth.dpo.reference_logs import ReferenceLogWriter
 
+            newer = dynamic_cfg.preset == "reference_v1" or settings.reference_variant == "dynamic-dpo-v1"
             writer = ReferenceLogWriter(margins_dir, sample_size=settings.reference_log_sample,
-                                        fail_rule=("p_hat_above_delta" if settings.reference_variant == "dynamic-dpo-v1"
-                                                   else "risk_over"))
+                                        fail_rule="p_hat_above_delta" if newer else "risk_over")
         runtime = attach_dynamic_beta(trainer, dynamic_cfg, on_update=writer,
                                       margins_log_path=os.path.join(margins_dir, "margins.jsonl"))
     if launch.env.is_main:

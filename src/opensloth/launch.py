@@ -94,8 +94,8 @@ def check_fsdp(settings, env: DistEnv, backend: str) -> bool:
     Raises:
         UserInputError: one process, or the unsloth backend without triton.
     """
-    requested = bool(getattr(settings, "fsdp", False)) or _env_true("UNSLOTH_FSDP2") or _env_true(
-        "ACCELERATE_USE_FSDP")
+    requested = (bool(getattr(settings, "fsdp", False)) or _env_true("ACCELERATE_USE_FSDP")
+                 or (backend == "unsloth" and _env_true("UNSLOTH_FSDP2")))
     if not requested:
         return False
     if env.world_size < 2:
@@ -472,7 +472,7 @@ def setup_run(settings, unit: str = "samples") -> Launch:
                             no_patches=getattr(settings, "no_patches", False),
                             resume_from_checkpoint=getattr(settings, "resume_from_checkpoint", None))
     launch = setup_backend(settings.backend)
-    if fsdp and launch.backend == "hf" and launch.device.type == "cpu" and not _env_true("UNSLOTH_FSDP2"):
+    if fsdp and launch.backend == "hf" and launch.device.type == "cpu":
         raise UserInputError("--fsdp --backend hf uses the Trainer's FSDP2 (accelerate), which does not run on a CPU "
                              "launch (accelerate would train plain DDP); on CPU use --backend unsloth (Unsloth's "
                              "native FSDP2 shards on a gloo mesh), on GPUs keep --backend hf")
