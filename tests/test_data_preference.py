@@ -374,3 +374,17 @@ def test_val_ratio_split_and_stage_report(caplog):
             "1 no_assistant_turn)") in line
     assert "val_ratio 0.25 (seed 7) -> 30 train / 11 eval" in line and "train_samples 20" in line
     assert line.endswith("=> 20 train, 11 eval")
+
+
+def test_raw_hh_from_a_parquet_file(tmp_path):
+    """The same HH records as Parquet (what a hub snapshot of Anthropic/hh-rlhf holds): the same pairs and counts."""
+    import datasets
+
+    from opensloth.data import load_preference_dataset
+
+    path = str(tmp_path / "hh.parquet")
+    datasets.load_dataset("json", data_files=EDGE, split="train").to_parquet(path)
+    from_jsonl, jsonl_report = load_preference_dataset(EDGE, hh_parser="reference")
+    from_parquet, parquet_report = load_preference_dataset(path, hh_parser="reference")
+    assert from_parquet[:] == from_jsonl[:]
+    assert (parquet_report.dropped, parquet_report.noted) == (jsonl_report.dropped, jsonl_report.noted)

@@ -182,3 +182,16 @@ def test_optimizer_settings_reach_the_training_arguments():
         1.0, 0.0, "linear", False)  # TRL's defaults
     with pytest.raises(UserInputError, match="lr_scheduler_type"):
         SFTSettings(lr_scheduler_type="cosine_typo")
+
+
+def test_which_reference_model_is_loaded():
+    from opensloth.dpo.run import reference_model_source
+
+    base = dict(model_name="data/tiny-qwen3")
+    assert reference_model_source(DPORunSettings(**base)) is None  # LoRA: the adapter-disabled policy
+    assert reference_model_source(DPORunSettings(**base, full_finetune=True)) == "data/tiny-qwen3"
+    assert reference_model_source(DPORunSettings(**base, full_finetune=True, ref_model="other")) == "other"
+    # precomputed reference log-probs from the starting policy: no second copy
+    assert reference_model_source(DPORunSettings(**base, full_finetune=True, precompute_ref_log_probs=True)) is None
+    with pytest.raises(UserInputError, match="needs --full_finetune|Add --full_finetune"):
+        DPORunSettings(**base, ref_model="other")
