@@ -12,6 +12,12 @@ Files (the same seed gives the same bytes on every machine):
 - ``judged_rollouts.jsonl``: judged rollout records (schema in
   ``opensloth.data.judged``): several candidates per prompt scored by the
   synthetic verifier, including ties and single-candidate prompts.
+- ``hh_edge_cases.jsonl``: one HH record per case the dynamic-DPO
+  repositories' parser meets (multi-turn, prompt text inside a reply,
+  identical replies, no Assistant turn, transcripts that part early, an
+  ``Assistant:`` tag inside the reply, ``\r\n`` line ends, a leading newline).
+- ``judged_prompt_messages.jsonl`` / ``rollout_responses.jsonl``: the judged and
+  unjudged rollouts of dynamic-dpo-v1 (``prompt_messages`` schema).
 
 Tests read these files and assert the expected counts listed in
 ``data/formats/README.md``.
@@ -101,6 +107,56 @@ def judged_records(rng: random.Random) -> list[dict]:
     return records
 
 
+H, A = "\n\nHuman:", "\n\nAssistant:"
+
+
+def hh_edge_records() -> list[dict]:
+    """One record per parser case, in the order data/formats/README.md lists them."""
+    two_turns = f"{H} What is 2 + 3?{A} 5.{H} And times 4?{A}"
+    quote = f"{H} Say: the sky is green.{A}"
+    return [
+        {"chosen": f"{H} Name a colour.{A} Blue.", "rejected": f"{H} Name a colour.{A} Seven."},  # plain
+        {"chosen": two_turns + " 20.", "rejected": two_turns + " 9."},  # multi-turn
+        {"chosen": quote + " You said: Say: the sky is green. It is not.", "rejected": quote + " Green!"},  # quote
+        {"chosen": f"{H} Hi.{A} Hello.", "rejected": f"{H} Hi.{A} Hello."},  # identical replies
+        {"chosen": f"{H} No reply here.", "rejected": f"{H} No reply here either."},  # no Assistant turn
+        {"chosen": f"{H} Pick a number.{A} 3.{H} Why?{A} Because.",  # transcripts part before the last turn
+         "rejected": f"{H} Pick a number.{A} 4."},
+        {"chosen": f"{H} Quote a log.{A} It read:{A} done.", "rejected": f"{H} Quote a log.{A} Nothing."},
+        {"chosen": "\r\n\r\nHuman: Count to two.\r\n\r\nAssistant: 1, 2.",  # \r\n in both
+         "rejected": "\r\n\r\nHuman: Count to two.\r\n\r\nAssistant: 2, 1."},
+        {"chosen": f"{H} Count to three.{A} 1, 2, 3.",  # \r\n in rejected only
+         "rejected": "\r\n\r\nHuman: Count to three.\r\n\r\nAssistant: 3."},
+        {"chosen": f"{H} Greet me.{A}\nHello there.", "rejected": f"{H} Greet me.{A}\nGo away."},  # leading \n
+        {"chosen": f"{H} Blank?{A} ", "rejected": f"{H} Blank?{A} Yes."},  # blank reply
+    ]
+
+
+def prompt_messages_records() -> list[dict]:
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    bot = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    meta = {"source": "hh_rollout", "seed": 42, "k_candidates": 4, "judge": "rm"}
+    return [
+        {"prompt_messages": [user("What is 2 + 2?")], "chosen": [bot("4")], "rejected": [bot("5")], "metadata": meta},
+        {"prompt_messages": [{"role": "system", "content": "Be brief."}, user("Hi"), bot("Hello"),
+                             user("Name a fruit.\r\n")],
+         "chosen": [bot(" Apple ")], "rejected": [bot("A car")], "metadata": meta},  # system dropped, multi-turn
+        {"prompt_messages": [user("Say yes.")], "chosen": [bot("Yes.")], "rejected": [bot("Yes.")],
+         "metadata": meta},  # identical replies
+        {"prompt_messages": [user("Q"), bot("A")], "chosen": [bot("x")], "rejected": [bot("y")],
+         "metadata": meta},  # ends with an assistant turn
+        {"prompt_messages": [user("Tell me a joke.")], "chosen": [bot("  ")], "rejected": [bot("No.")],
+         "metadata": meta},  # blank reply
+        {"prompt_messages": [user("Capital of France?")], "chosen": [bot("Paris.")], "rejected": [bot("Rome.")],
+         "metadata": meta},
+    ]
+
+
+def rollout_responses_records() -> list[dict]:
+    return [{"prompt_messages": [{"role": "user", "content": "What is 2 + 2?"}], "responses": ["4", "5", "four"],
+             "reference_responses": {"chosen": "4", "rejected": "5"}}]
+
+
 def render(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
 
@@ -109,6 +165,9 @@ def build() -> dict[str, str]:
     return {
         "hh_sample.jsonl": render(hh_records(random.Random(SEED))),
         "judged_rollouts.jsonl": render(judged_records(random.Random(SEED + 1))),
+        "hh_edge_cases.jsonl": render(hh_edge_records()),
+        "judged_prompt_messages.jsonl": render(prompt_messages_records()),
+        "rollout_responses.jsonl": render(rollout_responses_records()),
     }
 
 

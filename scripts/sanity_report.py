@@ -74,8 +74,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
         names = _runs(args.root, task)
-        if f"{task}_{REFERENCE}" not in names:
-            print(f"missing reference run {task}_{REFERENCE} in {args.root}", file=sys.stderr)
+        if not any(n.endswith("_ws1") for n in names):
+            print(f"missing a 1-process reference run {task}_*_ws1 in {args.root}", file=sys.stderr)
             return 1
         for name in names:
             label = name[len(task) + 1:].rsplit("_ws", 1)[0]
@@ -104,7 +104,7 @@ def main() -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(args.tasks) + (1 if "dpo" in args.tasks else 0),
+        fig, axes = plt.subplots(1, len(args.tasks) + (1 if any(t.startswith("dpo") for t in args.tasks) else 0),
                                  figsize=(6 * (len(args.tasks) + 1), 4.2), squeeze=False)
         axes = axes[0]
         for ax, task in zip(axes, args.tasks):
@@ -120,11 +120,11 @@ def main() -> int:
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("loss")
             ax.legend(fontsize=7)
-        if "dpo" in args.tasks:
+        if any(t.startswith("dpo") for t in args.tasks):
             ax = axes[-1]
             for name, (_, _, beta) in curves.items():
-                if name.startswith("dpo_") and beta:
-                    ax.plot(list(beta), list(beta.values()), label=name[4:])
+                if name.startswith("dpo") and beta:
+                    ax.plot(list(beta), list(beta.values()), label=name)
             ax.set_title("dpo: dynamic beta by world size")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("beta used")

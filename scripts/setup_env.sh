@@ -29,6 +29,11 @@ if [ ! -f "$STAMP" ]; then
   fi
   touch "$STAMP"
 fi
+if [ "${OPENSLOTH_WITH_TRITON:-0}" = "1" ]; then
+  # Unsloth's native FSDP2 loads its model code, which imports triton (it imports without a GPU):
+  # tests/test_fsdp.py runs on CPU ranks with it and is skipped without it. 285 MB, so opt-in.
+  $PIP install --no-deps "triton==3.9.0"
+fi
 $PIP install --no-deps -e . 2>&1 | grep -v "^WARNING" || true
 "$VENV/bin/python" - <<'PYEOF'
 import importlib.util, torch

@@ -29,7 +29,7 @@ def test_hh_sample_file():
 
     ds, report = load_preference_dataset(HH_SAMPLE)
     assert (report.total_in, report.total_out) == (44, 41)
-    assert report.dropped == {"identical_texts": 1, "empty": 1, "bad_structure": 1}
+    assert report.dropped == {"identical_texts": 1, "empty": 1, "no_assistant_turn": 1}
     originals = [json.loads(line) for line in open(HH_SAMPLE, encoding="utf-8")]
     kept = [r for i, r in enumerate(originals) if i not in (41, 42, 43)]
     for row, original in zip(ds, kept):
@@ -234,8 +234,13 @@ def test_chat_message_pairs_become_prompt_chosen_rejected():
 def test_registry_detects_each_format_in_priority_order():
     from opensloth.data.formats import PREFERENCE_FORMATS, detect_preference_format
 
-    assert list(PREFERENCE_FORMATS) == ["judged", "pairs", "chat_pairs", "hh", "prepared"]
+    assert list(PREFERENCE_FORMATS) == ["judged_messages", "unjudged", "judged", "pairs", "chat_pairs", "hh",
+                                        "prepared"]
     assert detect_preference_format(["prompt", "candidates", "id"]) == "judged"
+    # dynamic-dpo-v1's judged rows have chosen / rejected message lists: not HH, not chat pairs
+    assert detect_preference_format(["prompt_messages", "chosen", "rejected", "metadata"],
+                                    {"chosen": [], "rejected": []}) == "judged_messages"
+    assert detect_preference_format(["prompt_messages", "responses"]) == "unjudged"
     assert detect_preference_format(["prompt", "chosen", "rejected"]) == "pairs"
     assert detect_preference_format(["chosen", "rejected"], {"chosen": "\n\nHuman: a", "rejected": "x"}) == "hh"
     assert detect_preference_format(["chosen", "rejected"], {"chosen": [], "rejected": []}) == "chat_pairs"
@@ -279,3 +284,107 @@ def test_rollout_pairs_become_conversational_for_a_chat_model():
                      "rejected": [{"role": "assistant", "content": "Answer: 5"}]}
     assert pairs_to_dataset(pairs, as_messages=False)[0] == {"prompt": "What is 2 + 2?", "chosen": "Answer: 4",
                                                              "rejected": "Answer: 5"}
+
+
+# ---- the dynamic-DPO repositories' data ------------------------------------------
+
+EDGE = os.path.join(ROOT, "data", "formats", "hh_edge_cases.jsonl")
+PROMPT_MESSAGES = os.path.join(ROOT, "data", "formats", "judged_prompt_messages.jsonl")
+UNJUDGED = os.path.join(ROOT, "data", "formats", "rollout_responses.jsonl")
+
+
+def test_hh_edge_cases_are_handled_and_counted_by_both_parsers():
+    from opensloth.data import load_preference_dataset
+
+    ds, report = load_preference_dataset(EDGE)
+    assert report.dropped == {"identical_texts": 1, "no_assistant_turn": 1, "empty": 1}
+    assert report.noted == {"multi_turn": 1, "prompt_text_in_reply": 1, "replies_span_turns": 1, "crlf_normalised": 2}
+    assert ds[4]["chosen"] == " It read:\n\nAssistant: done."  # an Assistant tag inside the reply stays there
+
+    ds, report = load_preference_dataset(EDGE, hh_parser="reference")
+    assert report.dropped == {"no_assistant_turn": 1, "diverging_transcripts": 2, "crlf_in_rejected": 2, "empty": 1}
+    assert report.examples["diverging_transcripts"] == [5, 6] and report.examples["crlf_in_rejected"] == [7, 8]
+    assert report.noted == {"multi_turn": 1, "prompt_text_in_reply": 1, "identical_texts_kept": 1}
+    rows = ds[:]
+    assert rows["prompt"][1].endswith("\n\nHuman: And times 4?\n\nAssistant:")  # multi-turn: last reply only
+    assert rows["chosen"][2] == " You said: Say: the sky is green. It is not."  # sliced, not str.replace
+    assert rows["chosen"][3] == rows["rejected"][3] == " Hello."  # identical: kept, as the reference does
+    assert (rows["chosen"][4], rows["rejected"][4]) == ("Hello there.", "Go away.")  # one leading newline cut
+
+
+def test_reference_parser_matches_the_published_rules_on_every_record():
+    """An independent statement of the reference rules: rfind on normalised chosen, startswith on raw rejected."""
+    from opensloth.data.hh import parse_hh_record
+
+    for line in open(EDGE, encoding="utf-8"):
+        record = json.loads(line)
+        chosen = record["chosen"].replace("\r\n", "\n").replace("\r", "\n")
+        idx = chosen.rfind("\n\nAssistant:")
+        expected = None
+        if idx >= 0:
+            prompt = chosen[:idx + len("\n\nAssistant:")]
+            if record["rejected"].startswith(prompt):
+                c = chosen[len(prompt):]
+                r = record["rejected"][len(prompt):]
+                c, r = (c[1:] if c.startswith("\n") else c), (r[1:] if r.startswith("\n") else r)
+                if prompt.strip() and c.strip() and r.strip():
+                    expected = (prompt, c, r)
+        assert parse_hh_record(record["chosen"], record["rejected"], "reference")[0] == expected
+
+
+def test_judged_prompt_messages_schema():
+    from opensloth.data import load_preference_dataset
+
+    ds, report = load_preference_dataset(PROMPT_MESSAGES)
+    assert report.format == "judged_messages"
+    assert (report.total_in, report.total_out) == (6, 3)
+    assert report.dropped == {"identical_texts": 1, "bad_structure": 1, "empty": 1}
+    assert ds[1] == {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Name a fruit.\n\nAssistant:",
+                     "chosen": "Apple", "rejected": "A car"}  # system turn left out, replies stripped
+    ds, report = load_preference_dataset(PROMPT_MESSAGES, hh_parser="reference", as_messages=True)
+    assert report.total_out == 4 and report.noted["identical_texts_kept"] == 1
+    assert ds[1]["prompt"][-1] == {"role": "user", "content": "Name a fruit."}
+    assert ds[1]["chosen"] == [{"role": "assistant", "content": "Apple"}]
+
+
+def test_refusals_name_what_was_seen(tmp_path):
+    from opensloth.data import DatasetFormatError, load_preference_dataset
+
+    with pytest.raises(DatasetFormatError, match=r"unjudged rollouts \(columns \['prompt_messages'"):
+        load_preference_dataset(UNJUDGED)
+    odd = write_lines(tmp_path / "odd.jsonl", [json.dumps({"chosen": 1, "rejected": 2})])
+    with pytest.raises(DatasetFormatError, match=r"odd.jsonl: saw columns \['chosen', 'rejected'\] with first-row "
+                                                  r"types \{'chosen': 'int', 'rejected': 'int'\}"):
+        load_preference_dataset(odd)
+
+
+def test_val_ratio_split_and_stage_report(caplog):
+    import logging
+
+    from opensloth.data import load_preference_splits
+
+    with caplog.at_level(logging.INFO, logger="opensloth"):
+        train, val = load_preference_splits(HH_SAMPLE, val_ratio=0.25, split_seed=7, hh_parser="reference",
+                                            train_samples=20)
+    assert (len(train), len(val)) == (20, 11)  # 41 pairs -> 30 / 11, then the first 20 training pairs
+    again, val_again = load_preference_splits(HH_SAMPLE, val_ratio=0.25, split_seed=7, hh_parser="reference")
+    assert val_again[:] == val[:] and again.select(range(20))[:] == train[:]  # seeded: the same split
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preference data")][0]
+    assert ("split train: 44 read -> format hh: 41 kept (dropped: 1 diverging_transcripts, 1 empty, "
+            "1 no_assistant_turn)") in line
+    assert "val_ratio 0.25 (seed 7) -> 30 train / 11 eval" in line and "train_samples 20" in line
+    assert line.endswith("=> 20 train, 11 eval")
+
+
+def test_raw_hh_from_a_parquet_file(tmp_path):
+    """The same HH records as Parquet (what a hub snapshot of Anthropic/hh-rlhf holds): the same pairs and counts."""
+    import datasets
+
+    from opensloth.data import load_preference_dataset
+
+    path = str(tmp_path / "hh.parquet")
+    datasets.load_dataset("json", data_files=EDGE, split="train").to_parquet(path)
+    from_jsonl, jsonl_report = load_preference_dataset(EDGE, hh_parser="reference")
+    from_parquet, parquet_report = load_preference_dataset(path, hh_parser="reference")
+    assert from_parquet[:] == from_jsonl[:]
+    assert (parquet_report.dropped, parquet_report.noted) == (jsonl_report.dropped, jsonl_report.noted)

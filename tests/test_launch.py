@@ -104,3 +104,34 @@ def test_a_run_never_overwrites_another_but_may_resume_itself(tmp_path):
     # Other world sizes and the unpatched run have folders of their own.
     assert claim_run_dir(out, "exp", 1) == str(tmp_path / "exp_ws1")
     assert claim_run_dir(out, "exp", 2, no_patches=True) == str(tmp_path / "exp_ws2_nopatches")
+
+
+def test_fsdp_launch_checks(monkeypatch):
+    """--fsdp: one process is refused, Unsloth's native FSDP2 needs triton, the hf backend gets the Trainer's FSDP2."""
+    import importlib.util
+    import os
+    from types import SimpleNamespace
+
+    from opensloth.distributed import DistEnv
+    from opensloth.errors import UserInputError
+    from opensloth.launch import check_fsdp, fsdp_trainer_kwargs
+
+    for name in ("UNSLOTH_FSDP2", "ACCELERATE_USE_FSDP"):
+        monkeypatch.setenv(name, "0")  # and restored afterwards: check_fsdp sets UNSLOTH_FSDP2
+    on = SimpleNamespace(fsdp=True, no_gradient_checkpointing=False)
+    two, one = DistEnv(0, 0, 2, 2), DistEnv(0, 0, 1, 1)
+    assert check_fsdp(SimpleNamespace(fsdp=False), two, "unsloth") is False
+    with pytest.raises(UserInputError, match="nproc_per_node >= 2"):
+        check_fsdp(on, one, "hf")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real_find_spec(n, *a))
+    with pytest.raises(UserInputError, match="pip install triton"):
+        check_fsdp(on, two, "unsloth")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real_find_spec(n, *a))
+    assert check_fsdp(on, two, "unsloth") is True and os.environ["UNSLOTH_FSDP2"] == "1"
+    kwargs = fsdp_trainer_kwargs(on, "hf")
+    assert kwargs["fsdp"] == "full_shard auto_wrap" and kwargs["fsdp_config"]["fsdp_version"] == 2
+    assert kwargs["gradient_checkpointing"] is False and kwargs["fsdp_config"]["activation_checkpointing"] is True
+    assert fsdp_trainer_kwargs(on, "unsloth") == {}  # Unsloth shards inside Trainer.__init__
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file examples/fsdp.yaml
+    assert fsdp_trainer_kwargs(SimpleNamespace(fsdp=False), "hf") == {"gradient_checkpointing": False}

@@ -209,6 +209,39 @@ def test_reference_is_the_base_model_without_a_second_copy(patched_cls, env, tmp
     assert report["storage_elements"] == bare["storage_elements"] + 2 * report["lora_default"]
 
 
+def test_full_finetune_with_a_separate_frozen_reference(patched_cls, env, tmp_path):
+    """Every weight trains against a frozen ref_model: the margins come from both models' passes (the loss check
+    inside the patch compares them with TRL's loss every step), the reference never moves, and alpha 0 gives the
+    losses of a fixed-beta run."""
+    import torch
+
+    from opensloth.dpo.controller import DynamicBetaConfig
+    from opensloth.dpo.run import build_dpo_trainer
+    from opensloth.launch import load_frozen_model, load_model_and_tokenizer
+    from opensloth.patches.dpo_dynamic_beta import attach_dynamic_beta
+
+    def run(out, **dyn):
+        model, tok = load_model_and_tokenizer(MODEL, backend="hf", max_seq_length=MAX_LEN, device="cpu", seed=0,
+                                              dtype="float32", gradient_checkpointing=False, full_finetune=True)
+        assert not hasattr(model, "peft_config") and all(p.requires_grad for p in model.parameters())
+        ref = load_frozen_model(MODEL, device="cpu", dtype="float32", backend="hf")
+        before = {k: v.clone() for k, v in ref.state_dict().items()}
+        trainer = build_dpo_trainer(patched_cls, model, tok, env.dataset, None, _config(out, learning_rate=1e-3),
+                                    left_truncate_to=MAX_LEN, ref_model=ref)
+        runtime = attach_dynamic_beta(trainer, DynamicBetaConfig(warmup_steps=1, **dyn)) if dyn else None
+        trainer.train()
+        assert all(torch.equal(before[k], v) for k, v in trainer.ref_model.state_dict().items())
+        moved = any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), trainer.ref_model.parameters()))
+        return trainer, runtime, moved
+
+    fixed, _, moved = run(tmp_path / "fixed")
+    zero, runtime, _ = run(tmp_path / "zero", alpha=0.0)
+    assert moved and runtime.controller.step == STEPS
+    assert _losses(zero) == pytest.approx(_losses(fixed), abs=1e-6)
+    _, moving, _ = run(tmp_path / "moving", alpha=2.0, risk_rule="zscore")
+    assert moving.beta != 0.1
+
+
 def test_attach_refuses_unpatched_classes_and_other_losses(patched_cls, env, tmp_path):
     from opensloth.dpo.controller import DynamicBetaConfig
     from opensloth.dpo.run import build_dpo_trainer

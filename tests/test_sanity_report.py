@@ -50,7 +50,7 @@ import pytest  # noqa: E402
 
 @pytest.mark.slow
 def test_sanity_matrix_script_passes(tmp_path):
-    """The full matrix (SFT + DPO, 1/2/4 ranks), short: the script exits 0 and draws the figure."""
+    """The full matrix (SFT + DPO, 1/2/4 ranks, the reference config), short: exits 0 and draws the figure."""
     from helpers import clean_env
 
     env = clean_env(OUT=str(tmp_path / "sanity"), STEPS="5", PNG=str(tmp_path / "sanity.png"),
@@ -59,5 +59,5 @@ def test_sanity_matrix_script_passes(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout and (tmp_path / "sanity.png").exists()
-    for row in ("| sft | patched_ws4 |", "| dpo | patched_ws4 |", "| dpo | plain_ws4 |"):
+    for row in ("| sft | patched_ws4 |", "| dpo | patched_ws4 |", "| dpo | plain_ws4 |", "| dporef | reference_ws2 |"):
         assert row in proc.stdout

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat: messages -> input_ids/labels; preference: pairs/chat pairs/HH/judged -> prompt/chosen/rejected ids")
     p.add_argument("--preference_format", choices=TEXT_FORMATS, default="auto",
                    help="input layout for --format preference (see opensloth.data.formats)")
+    p.add_argument("--hh_parser", choices=("shared_prefix", "reference"), default="shared_prefix",
+                   help="Anthropic HH transcripts: shared_prefix, or reference (the dynamic-DPO repositories' parser; "
+                        "see opensloth.data.hh)")
     p.add_argument("--train_split", default="train", help="split to tokenize for training; slicing like train[:10%%] works")
     p.add_argument("--val_split", default="test", help="split to tokenize for evaluation ('' for none)")
     p.add_argument("--train_samples", type=int, default=None, help="keep the first N training records")
@@ -127,7 +130,8 @@ def tokenize_split(args, tokenizer, split: str, samples: int | None, label: str)
         tokenized, marker_report = mask_to_responses(tokenized, tokenizer, args.instruction_part, args.response_part,
                                                      name=f"{label} responses only")
         return raw, tokenized, [report, marker_report]
-    pairs, load_report = load_preference_dataset(args.dataset, split, fmt=args.preference_format)
+    pairs, load_report = load_preference_dataset(args.dataset, split, fmt=args.preference_format,
+                                                 hh_parser=args.hh_parser)
     raw = _limit(pairs, samples)
     tokenized, clamp_report = tokenize_preference_dataset(
         raw, tokenizer, max_length=args.max_seq_length, max_prompt_length=args.max_prompt_length, name=label,

@@ -1,4 +1,4 @@
-"""LoRA DPO with a fixed or a dynamic beta, on 1 or N ranks (Unsloth or transformers + PEFT).
+"""DPO with a fixed or a dynamic beta, LoRA or full fine-tuning, on 1 or N ranks (Unsloth or transformers + PEFT).
 
     torchrun --nproc_per_node=2 train_scripts/train_dpo.py                      # embedded default, dynamic beta
     torchrun --nproc_per_node=2 train_scripts/train_dpo.py --config examples/config_dpo.yaml
@@ -6,11 +6,15 @@
     python train_scripts/train_dpo.py --max_steps 8 --dynamic_beta.warmup_steps 2 --dynamic_beta.alpha 0.5
     python train_scripts/train_dpo.py --resume_from_checkpoint outputs/dpo_ws1/checkpoint-4
     python train_scripts/train_configurable.py --task dpo ...                  # same script, via the SFT entry point
+    python train_scripts/train_dpo.py --full_finetune --ref_model M            # every weight, frozen reference M
+    python train_scripts/train_dpo.py --config their/config_dpo.yaml           # a dynamic-DPO repository's config
 
-Steps: flags (+ YAML) -> import Unsloth (first) -> ddp_patch() -> load model +
-LoRA -> load preference pairs -> DPOTrainer (patched for dynamic beta) with the
-base model as reference -> train -> save adapter, trainer state and
-controller state to ``<output_dir>/<experiment_name>_ws<world_size>``.
+Steps: flags (+ YAML; a dynamic-DPO repository's config is translated) ->
+import Unsloth (first) -> ddp_patch() -> load model + LoRA (or every weight
+with --full_finetune, plus a separate frozen reference model) -> load
+preference pairs -> DPOTrainer (patched for dynamic beta) -> train -> save
+adapter (or model), trainer state and controller state to
+``<output_dir>/<experiment_name>_ws<world_size>``.
 
 Dynamic beta (docs/dynamic_beta_rules.md): beta is fixed for each optimizer
 step; the margins of all ranks and micro-batches of step t are gathered at the
@@ -31,10 +35,11 @@ from opensloth.config import add_config_flags
 from opensloth.data.preference import load_preference_splits
 from opensloth.dpo.collator import count_prompt_truncations
 from opensloth.dpo.lora_reference import parameter_report, use_base_model_as_reference
-from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, dpo_trainer_class, make_dpo_config, resolve_settings,
-                               write_settings)
+from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, dpo_trainer_class, make_dpo_config,
+                               reference_model_source, resolve_settings, write_settings)
 from opensloth.errors import run_cli
-from opensloth.launch import LoraSettings, load_model_and_tokenizer, model_dtype_name, setup_run, train_and_save
+from opensloth.launch import (LoraSettings, load_frozen_model, load_model_and_tokenizer, model_dtype_name, setup_run,
+                              train_and_save)
 from opensloth.log import log_rank0
 from opensloth.patches import applied_patches
 
@@ -60,12 +65,19 @@ def main(argv: list[str] | None = None) -> None:
         settings.model_name, backend=launch.backend, max_seq_length=settings.max_seq_length, device=launch.device,
         seed=settings.seed, dtype=settings.dtype, lora=LoraSettings(),
         gradient_checkpointing=not settings.no_gradient_checkpointing, load_in_4bit=settings.load_in_4bit,
+        full_finetune=settings.full_finetune,
     )
+    ref_source = reference_model_source(settings)
+    ref_model = (load_frozen_model(ref_source, device=launch.device, dtype=model_dtype_name(model),
+                                   backend=launch.backend) if ref_source else None)
+    if settings.full_finetune and ref_model is None:
+        log_rank0("full fine-tuning: reference log-probs are precomputed with the starting policy (no second copy)")
 
     # --- data: pairs, HH transcripts, judged rollouts, chat pairs or a prepared folder -> prompt/chosen/rejected ---
     train_ds, val_ds = load_preference_splits(
         settings.dataset, train_split=settings.train_split, test_split=settings.test_split,
-        train_samples=settings.train_samples, test_samples=settings.test_samples)
+        train_samples=settings.train_samples, test_samples=settings.test_samples, val_ratio=settings.val_ratio,
+        split_seed=settings.split_seed, hh_parser=settings.hh_parser, as_messages=settings.chat_template)
 
     # --- trainer ---
     dpo_config = make_dpo_config(settings, dynamic_cfg, run_dir=launch.run_dir, per_device=launch.per_device,
@@ -73,11 +85,13 @@ def main(argv: list[str] | None = None) -> None:
                                  dtype=model_dtype_name(model), has_eval=val_ds is not None)
     trainer_cls = dpo_trainer_class(dynamic=dynamic, backend=launch.backend)
     trainer = build_dpo_trainer(trainer_cls, model, tokenizer, train_ds, val_ds, dpo_config,
-                                left_truncate_to=None if settings.no_patches else settings.max_seq_length)
+                                left_truncate_to=None if settings.no_patches else settings.max_seq_length,
+                                ref_model=ref_model)
     if settings.no_patches:
         log_rank0("--no_patches: TRL's own truncation (keep_start) and its 'ref' adapter copy are in use")
     else:
-        use_base_model_as_reference(trainer)
+        if not settings.full_finetune:
+            use_base_model_as_reference(trainer)
         cut = count_prompt_truncations(trainer.train_dataset, settings.max_seq_length)
         log_rank0(f"{cut['prompt_truncated']} of {cut['pairs']} training pairs have prompts cut from the left to "
                   f"fit max_seq_length={settings.max_seq_length}; {cut['completion_truncated']} have a completion "
@@ -90,7 +104,14 @@ def main(argv: list[str] | None = None) -> None:
         from opensloth.patches.dpo_dynamic_beta import attach_dynamic_beta  # imports transformers: after setup
 
         margins_dir = settings.margins_log_dir or os.path.join(launch.run_dir, "logs", "margins")
-        runtime = attach_dynamic_beta(trainer, dynamic_cfg,
+        writer = None
+        if settings.reference_logs:  # the dynamic-DPO repositories' file names and keys, beside ours
+            from opensloth.dpo.reference_logs import ReferenceLogWriter
+
+            newer = dynamic_cfg.preset == "reference_v1" or settings.reference_variant == "dynamic-dpo-v1"
+            writer = ReferenceLogWriter(margins_dir, sample_size=settings.reference_log_sample,
+                                        fail_rule="p_hat_above_delta" if newer else "risk_over")
+        runtime = attach_dynamic_beta(trainer, dynamic_cfg, on_update=writer,
                                       margins_log_path=os.path.join(margins_dir, "margins.jsonl"))
     if launch.env.is_main:
         write_settings(launch.run_dir, settings, dynamic_cfg)
@@ -101,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                              resume_from_checkpoint=settings.resume_from_checkpoint,
                              save_extra=runtime.save if runtime is not None else None)
     beta_note = f"; final beta {runtime.beta:.6g}" if runtime is not None else ""
-    log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s{beta_note}; adapter saved to "
-              f"{launch.run_dir}")
+    log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s{beta_note}; "
+              f"{'model' if settings.full_finetune else 'adapter'} saved to {launch.run_dir}")
 
 
 if __name__ == "__main__":

@@ -313,7 +313,7 @@ def add_config_flags(parser, sections: Sequence[Section], *, config_help: str | 
 
 
 def section_values(config_path: str | None, given, sections: Sequence[Section], *,
-                   ignore_other_keys: bool = False) -> list[dict]:
+                   ignore_other_keys: bool = False, yaml_values: Mapping[str, Any] | None = None) -> list[dict]:
     """Per section, the raw values of ``defaults < YAML < flags`` (defaults are the dataclass's own).
 
     Args:
@@ -323,6 +323,9 @@ def section_values(config_path: str | None, given, sections: Sequence[Section], 
         ignore_other_keys: leave YAML keys that belong to no section alone
             (a script that reads one section of a shared file); otherwise
             they are an error listing the known keys and sections.
+        yaml_values: the file's mapping when the caller already read (and
+            translated) it, e.g. a config written for another project; the
+            file is then not read again.
 
     Returns:
         One dict per section (YAML values typed, flags as parsed).
@@ -331,7 +334,8 @@ def section_values(config_path: str | None, given, sections: Sequence[Section], 
         UserInputError: unknown keys, a section that is not a mapping, or a
             value of the wrong type; messages name the file and the key.
     """
-    yaml_values = load_yaml(config_path) if config_path else {}
+    if yaml_values is None:
+        yaml_values = load_yaml(config_path) if config_path else {}
     where = config_path or "the command line"
     names = {s.name for s in sections if s.name}
     top = next((s for s in sections if s.name is None), None)
@@ -365,10 +369,11 @@ def section_values(config_path: str | None, given, sections: Sequence[Section], 
 
 
 def resolve(given, sections: Sequence[Section], *, config_path: str | None = None,
-            ignore_other_keys: bool = False) -> list:
+            ignore_other_keys: bool = False, yaml_values: Mapping[str, Any] | None = None) -> list:
     """The settings objects of ``sections``, in order: ``defaults < YAML (--config) < flags``.
 
-    ``config_path`` defaults to ``given.config`` (the ``--config`` flag).
+    ``config_path`` defaults to ``given.config`` (the ``--config`` flag);
+    ``yaml_values`` replaces reading it (see :func:`section_values`).
 
     Raises:
         UserInputError: see :func:`section_values` and :func:`build`.
@@ -376,6 +381,6 @@ def resolve(given, sections: Sequence[Section], *, config_path: str | None = Non
     values = vars(given) if isinstance(given, argparse.Namespace) else dict(given)
     path = config_path if config_path is not None else values.get("config")
     where = path or "the command line"
-    merged = section_values(path, values, sections, ignore_other_keys=ignore_other_keys)
+    merged = section_values(path, values, sections, ignore_other_keys=ignore_other_keys, yaml_values=yaml_values)
     return [build(s.cls, v, where if s.name is None else f"'{s.name}:' of {where}")
             for s, v in zip(sections, merged)]

@@ -32,6 +32,22 @@ DEFAULT_SFT_DATASET = "data/sft"
 DEFAULT_PREFERENCE_DATASET = "data/preference"
 BACKENDS = ("auto", "unsloth", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# transformers' SchedulerType values (TrainingArguments.lr_scheduler_type), listed here so that no settings
+# module imports transformers.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+EVAL_STRATEGIES = ("steps", "epoch")
+# Help texts of the optimizer settings SFTSettings and DPORunSettings share (TrainingArguments names and defaults).
+MAX_GRAD_NORM_HELP = "clip the global gradient norm to this value each optimizer step (0: no clipping; TRL default)"
+WEIGHT_DECAY_HELP = "AdamW weight decay (transformers leaves biases and norm weights undecayed; TRL default 0)"
+LR_SCHEDULER_HELP = "learning-rate schedule after the warmup, a transformers SchedulerType name (TRL default linear)"
+FSDP_HELP = ("shard parameters, gradients and optimizer state over the ranks with FSDP2 (torchrun, >= 2 "
+             "processes): Unsloth's native FSDP2 on the unsloth backend (also on a gloo CPU mesh), the Trainer's "
+             "FSDP2 on hf (CUDA); see TRAINING_README 'FSDP'")
+MIXED_PRECISION_HELP = ("autocast: auto follows the weights dtype (bf16 weights -> bf16 autocast); bf16 / fp16 "
+                        "autocast over float32 weights; no: none")
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,78 @@ class LoraSettings:
                 raise UserInputError(f"lora.{name}={getattr(self, name)} must be an integer >= 1")
         if not self.target_modules:
             raise UserInputError("lora.target_modules must be a non-empty list of module names")
+
+
+def check_optimizer_settings(settings) -> None:
+    """Raise UserInputError for a negative ``max_grad_norm`` / ``weight_decay`` or an unknown schedule."""
+    for name in ("max_grad_norm", "weight_decay"):
+        value = getattr(settings, name)
+        if not value >= 0:  # also NaN
+            raise UserInputError(f"{name}={value} must be >= 0 (0 turns it off)")
+    if settings.lr_scheduler_type not in LR_SCHEDULERS:
+        raise UserInputError(f"lr_scheduler_type={settings.lr_scheduler_type!r} is not one of {LR_SCHEDULERS}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on", "native")
+
+
+def check_fsdp(settings, env: DistEnv, backend: str) -> bool:
+    """Decide whether this launch shards with FSDP2, before Unsloth is imported. Returns True if it does.
+
+    ``--fsdp`` (or ``UNSLOTH_FSDP2=1`` / an ``accelerate launch`` FSDP config in
+    the environment) needs several ranks. On the unsloth backend it sets
+    ``UNSLOTH_FSDP2=1`` so that Unsloth shards the model inside
+    ``Trainer.__init__``; Unsloth's model code imports its GPU kernels, so the
+    ``triton`` package must be importable (it imports on CPU machines too).
+
+    Raises:
+        UserInputError: one process, or the unsloth backend without triton.
+    """
+    requested = (bool(getattr(settings, "fsdp", False)) or _env_true("ACCELERATE_USE_FSDP")
+                 or (backend == "unsloth" and _env_true("UNSLOTH_FSDP2")))
+    if not requested:
+        return False
+    if env.world_size < 2:
+        raise UserInputError("--fsdp shards over ranks: launch with torchrun --nproc_per_node >= 2 (or accelerate "
+                             "launch --config_file examples/fsdp.yaml); one process trains unsharded")
+    if backend == "unsloth":
+        if importlib.util.find_spec("triton") is None:
+            raise UserInputError("--fsdp on the unsloth backend uses Unsloth's native FSDP2, whose model code imports "
+                                 "triton; pip install triton (it imports on CPU too), or use --backend hf on GPUs")
+        if not _env_true("ACCELERATE_USE_FSDP"):
+            os.environ["UNSLOTH_FSDP2"] = "1"  # read by `import unsloth` and its Trainer.__init__ wrapper
+    return True
+
+
+def fsdp_trainer_kwargs(settings, backend: str) -> dict:
+    """``TrainingArguments`` keywords of the Trainer's own FSDP2 (hf backend with ``--fsdp``), else ``{}``.
+
+    Unsloth's native FSDP2 needs none (it shards inside ``Trainer.__init__``),
+    and an ``accelerate launch`` FSDP config brings its own plugin.
+    """
+    if backend != "hf":
+        return {}
+    if _env_true("ACCELERATE_USE_FSDP"):  # the accelerate config's plugin (and activation checkpointing) apply
+        return {"gradient_checkpointing": False}
+    if not getattr(settings, "fsdp", False):
+        return {}
+    return dict(
+        fsdp="full_shard auto_wrap",
+        fsdp_config={"fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                     "activation_checkpointing": not settings.no_gradient_checkpointing,
+                     "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False},
+        gradient_checkpointing=False,  # FSDP2 checkpoints activations itself (activation_checkpointing)
+    )
+
+
+def model_is_sharded(model) -> bool:
+    """True when ``model``'s parameters are FSDP2 shards (DTensors): saving is then a collective."""
+    if not hasattr(model, "parameters"):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def resolve_backend(name: str) -> str:
@@ -209,13 +297,16 @@ def load_model_and_tokenizer(
     lora: LoraSettings = LoraSettings(),
     gradient_checkpointing: bool = True,
     load_in_4bit: bool = False,
+    full_finetune: bool = False,
 ):
-    """Load a causal LM and its tokenizer and wrap the model with LoRA adapters.
+    """Load a causal LM and its tokenizer and wrap the model with LoRA adapters (or train every weight).
 
     Unsloth: ``FastLanguageModel.from_pretrained(..., device_map={"": device})``
     then ``get_peft_model(..., use_gradient_checkpointing="unsloth")``.
     hf: ``AutoModelForCausalLM`` + ``peft.get_peft_model``; gradient
     checkpointing is left to the trainer config (``gradient_checkpointing``).
+    ``full_finetune``: no adapters; every weight trains (Unsloth:
+    ``from_pretrained(full_finetuning=True)``).
 
     The seed is set right before the adapters are created, so the LoRA
     initialisation is identical on every rank and every world size.
@@ -235,9 +326,10 @@ def load_model_and_tokenizer(
                 dtype=torch_dt,
                 load_in_4bit=load_in_4bit,
                 device_map={"": device_str},
+                **({"full_finetuning": True} if full_finetune else {}),
             )
             set_seed(seed)
-            model = FastLanguageModel.get_peft_model(
+            model = model if full_finetune else FastLanguageModel.get_peft_model(
                 model,
                 r=lora.r,
                 lora_alpha=lora.alpha,
@@ -261,15 +353,16 @@ def load_model_and_tokenizer(
             if not load_in_4bit:
                 model = model.to(device)
             set_seed(seed)
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(model, config)
+            if not full_finetune:
+                config = LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                )
+                model = get_peft_model(model, config)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
@@ -284,6 +377,29 @@ def load_model_and_tokenizer(
         f"trainable={sum(p.numel() for p in model.parameters() if p.requires_grad):,} params"
     )
     return model, tokenizer
+
+
+def load_frozen_model(model_name: str, *, device, dtype: str, backend: str):
+    """A frozen copy of a causal LM (DPO's separate reference): eval mode, no gradients, on ``device``.
+
+    Loaded with transformers on every backend: it only runs forward passes.
+    ``dtype`` follows :func:`torch_dtype` (``auto``: float32 for hf; the
+    policy's dtype name can be passed to match it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(model_name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype(dtype, "hf"))
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"could not load the reference model {model_name!r}: {first}; pass a local folder "
+                             "where there is no network access") from exc
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    log_rank0(f"loaded frozen reference {model_name} dtype={next(model.parameters()).dtype} "
+              f"params={sum(p.numel() for p in model.parameters()):,}")
+    return model
 
 
 def model_dtype_name(model) -> str:
@@ -305,6 +421,7 @@ class Launch:
         run_dir: ``<output_dir>/<experiment_name>_ws<world_size>[_nopatches]`` (training runs only;
             :func:`claim_run_dir`).
         per_device: samples (or pairs) per micro-batch per rank (training runs only).
+        fsdp: the model is sharded with FSDP2 (:func:`check_fsdp`).
     """
 
     env: DistEnv
@@ -312,6 +429,7 @@ class Launch:
     device: Any
     run_dir: str | None = None
     per_device: int | None = None
+    fsdp: bool = False
 
     @property
     def world_size(self) -> int:
@@ -345,19 +463,28 @@ def setup_run(settings, unit: str = "samples") -> Launch:
     """
     env = distributed_env()
     check_model_source(settings.model_name)
-    resolve_backend(settings.backend)
+    backend = resolve_backend(settings.backend)
     per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
                                           settings.grad_accum, env.world_size)
+    fsdp = check_fsdp(settings, env, backend)
     # Before the process group exists: no rank has written to the run dir yet, so all ranks agree.
     run_dir = claim_run_dir(settings.output_dir, settings.experiment_name, env.world_size,
                             no_patches=getattr(settings, "no_patches", False),
                             resume_from_checkpoint=getattr(settings, "resume_from_checkpoint", None))
     launch = setup_backend(settings.backend)
+    if fsdp and launch.backend == "hf" and launch.device.type == "cpu":
+        raise UserInputError("--fsdp --backend hf uses the Trainer's FSDP2 (accelerate), which does not run on a CPU "
+                             "launch (accelerate would train plain DDP); on CPU use --backend unsloth (Unsloth's "
+                             "native FSDP2 shards on a gloo mesh), on GPUs keep --backend hf")
+    if fsdp:
+        log_rank0(f"FSDP2: {'Unsloth native (UNSLOTH_FSDP2=1)' if launch.backend == 'unsloth' else 'the Trainer'}"
+                  f" shards the model over {env.world_size} ranks")
     log_rank0(
         f"effective global batch = {per_device} {unit} per device x {settings.grad_accum} accum x "
         f"{env.world_size} rank(s) = {per_device * settings.grad_accum * env.world_size}; run dir {run_dir}"
     )
-    return Launch(env=env, backend=launch.backend, device=launch.device, run_dir=run_dir, per_device=per_device)
+    return Launch(env=env, backend=launch.backend, device=launch.device, run_dir=run_dir, per_device=per_device,
+                  fsdp=fsdp)
 
 
 # --------------------------------------------------------------------------- trainer arguments, train, save
@@ -365,32 +492,38 @@ def setup_run(settings, unit: str = "samples") -> Launch:
 
 def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size: int, backend: str, dtype: str,
                          has_eval: bool, warmup_steps: int) -> dict:
-    """The ``TrainingArguments`` keywords SFT and DPO share: fixed seeds, TensorBoard, linear decay.
+    """The ``TrainingArguments`` keywords SFT and DPO share: fixed seeds, TensorBoard, optimizer and schedule.
 
     ``settings`` has ``eval_batch_size``, ``grad_accum``, ``learning_rate``,
     ``num_epochs``, ``max_steps``, ``logging_steps``, ``eval_steps``,
-    ``save_steps``, ``seed`` and ``no_gradient_checkpointing``. ``SFTConfig``
-    and ``DPOConfig`` add their own keys to the result.
+    ``save_steps``, ``seed`` and ``no_gradient_checkpointing``; optionally
+    ``max_grad_norm``, ``weight_decay``, ``lr_scheduler_type``,
+    ``mixed_precision`` and ``eval_strategy`` (TRL's defaults when absent).
+    ``SFTConfig`` and ``DPOConfig`` add their own keys to the result.
     """
+    amp = getattr(settings, "mixed_precision", "auto")
+    if amp == "auto":
+        amp = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+    eval_strategy = getattr(settings, "eval_strategy", "steps") if has_eval else "no"
     return dict(
         output_dir=run_dir,
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=settings.eval_batch_size or per_device,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=getattr(settings, "lr_scheduler_type", "linear"),
         warmup_steps=warmup_steps,
         num_train_epochs=settings.num_epochs,
         max_steps=settings.max_steps,
         logging_steps=settings.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=(settings.eval_steps or settings.logging_steps * 5) if has_eval else None,
+        eval_strategy=eval_strategy,
+        eval_steps=(settings.eval_steps or settings.logging_steps * 5) if eval_strategy == "steps" else None,
         save_strategy="steps" if settings.save_steps else "no",
         save_steps=settings.save_steps or 500,
         seed=settings.seed,
         data_seed=settings.seed,
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        bf16=amp == "bf16",
+        fp16=amp == "fp16",
         # Unsloth applies its own checkpointing in get_peft_model.
         gradient_checkpointing=not settings.no_gradient_checkpointing and backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -398,8 +531,9 @@ def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size:
         ddp_find_unused_parameters=False if world_size > 1 else None,
         dataloader_num_workers=0,
         optim="adamw_torch",
-        weight_decay=0.0,
-    )
+        weight_decay=getattr(settings, "weight_decay", 0.0),
+        max_grad_norm=getattr(settings, "max_grad_norm", 1.0),
+    ) | fsdp_trainer_kwargs(settings, backend)
 
 
 def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_checkpoint=None,
@@ -423,8 +557,12 @@ def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_check
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
     trainer.save_state()
+    sharded = model_is_sharded(getattr(trainer, "model", model))
+    if sharded:  # FSDP2: gathering the full weights is a collective; the Trainer's save_model does it (rank 0 writes)
+        trainer.save_model(run_dir)
     if trainer.is_world_process_zero():
-        model.save_pretrained(run_dir)
+        if not sharded:
+            model.save_pretrained(run_dir)
         tokenizer.save_pretrained(run_dir)
         if save_extra is not None:
             save_extra(run_dir)

@@ -12,9 +12,30 @@ never with ``str.replace``: a reply that quotes the prompt text keeps it, and
 ``prompt + chosen`` gives back the original transcript character for
 character.
 
-Dropped and counted: a transcript pair with no shared ``Assistant:`` turn or
-a non-string field (``bad_structure``), a blank reply (``empty``), and two
-identical replies (``identical_texts``).
+Two parsers (``parser=``):
+
+- ``shared_prefix`` (default), as above. Dropped and counted: a non-string
+  field (``bad_structure``), transcripts that share no ``Assistant:`` turn
+  (``no_assistant_turn``), a blank reply (``empty``), two identical replies
+  (``identical_texts``). Counted but kept: transcripts that part before the
+  last turn (``replies_span_turns``: the replies then hold several turns).
+- ``reference``: the parser of the dynamic-DPO repositories. The prompt ends
+  at the **last** ``"\n\nAssistant:"`` of ``chosen``; ``rejected`` must start
+  with that prompt; one leading ``"\n"`` is cut from each reply; identical
+  replies are **kept** (counted as ``identical_texts_kept``; their margin is 0
+  for every model). Only ``chosen`` has its line ends normalised, as there.
+  Where the reference crashes (no Assistant turn) or drops silently, this
+  one drops and counts: ``no_assistant_turn``, ``diverging_transcripts``
+  (``rejected`` does not continue the prompt, e.g. an ``Assistant:`` tag
+  inside the chosen reply, or transcripts that part earlier),
+  ``crlf_in_rejected`` (it would match after normalising its line ends), ``empty``.
+
+Both count, for kept pairs: prompts with several Human turns
+(``multi_turn``), replies that repeat the last human message
+(``prompt_text_in_reply``: safe, the prompt is cut by a slice) and
+``"\r\n"`` / ``"\r"`` line ends normalised to ``"\n"`` (``crlf_normalised``;
+``shared_prefix`` normalises both transcripts, so ``prompt + chosen`` equals
+the transcript only up to line ends there).
 """
 
 from __future__ import annotations
@@ -23,13 +44,16 @@ import os
 import re
 
 from opensloth.data.errors import require_columns
-from opensloth.data.report import BAD_STRUCTURE, EMPTY, IDENTICAL, DropReport
+from opensloth.data.report import (BAD_STRUCTURE, CRLF, CRLF_MISMATCH, DIVERGING, EMPTY, IDENTICAL, IDENTICAL_KEPT,
+                                   MULTI_TURN, NO_ASSISTANT, PROMPT_IN_REPLY, REPLIES_SPAN_TURNS, DropReport)
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 _TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_PARSERS = ("shared_prefix", "reference")
 
-__all__ = ["ASSISTANT", "HUMAN", "build_hh_dataset", "hh_pair_problem", "split_hh_pair", "transcript_to_messages"]
+__all__ = ["ASSISTANT", "HH_PARSERS", "HUMAN", "build_hh_dataset", "hh_pair_problem", "parse_hh_record",
+           "split_hh_pair", "split_hh_pair_reference", "transcript_to_messages"]
 
 
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -48,19 +72,82 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
-def hh_pair_problem(chosen, rejected) -> str | None:
-    """Why an HH record cannot become a preference pair, or None."""
+def split_hh_pair_reference(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """The dynamic-DPO repositories' split: ``(prompt, chosen_reply, rejected_reply)``.
+
+    ``chosen`` must already have its line ends normalised (``rejected`` is
+    taken as it is, as there). Raises ValueError with a reason of
+    :mod:`opensloth.data.report` as its message (``no_assistant_turn``,
+    ``diverging_transcripts``).
+    """
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError(NO_ASSISTANT)
+    prompt = chosen[: cut + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        raise ValueError(DIVERGING)
+    chosen_reply, rejected_reply = chosen[len(prompt):], rejected[len(prompt):]
+    return prompt, chosen_reply.removeprefix("\n"), rejected_reply.removeprefix("\n")
+
+
+def _normalise(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def parse_hh_record(chosen, rejected, parser: str = "shared_prefix") -> tuple[tuple[str, str, str] | None, str | None, list[str]]:
+    """One HH record -> ``(pair or None, drop reason or None, notes)``.
+
+    ``notes`` are the report's kept-record counters that apply
+    (``multi_turn``, ``prompt_text_in_reply``, ``crlf_normalised``, ...).
+    """
+    if parser not in HH_PARSERS:
+        raise ValueError(f"parser={parser!r} is not one of {HH_PARSERS}")
     if not isinstance(chosen, str) or not isinstance(rejected, str):
-        return BAD_STRUCTURE
-    try:
-        _, chosen_reply, rejected_reply = split_hh_pair(chosen, rejected)
-    except ValueError:
-        return BAD_STRUCTURE
-    if not chosen_reply.strip() or not rejected_reply.strip():
-        return EMPTY
+        return None, BAD_STRUCTURE, []
+    notes = []
+    if parser == "reference":
+        normalised = _normalise(chosen)
+        crlf = normalised != chosen
+        try:
+            pair = split_hh_pair_reference(normalised, rejected)
+        except ValueError as exc:
+            reason = str(exc)
+            if reason == DIVERGING and rejected != _normalise(rejected):
+                try:
+                    split_hh_pair_reference(normalised, _normalise(rejected))
+                    reason = CRLF_MISMATCH
+                except ValueError:
+                    pass
+            return None, reason, []
+    else:
+        normalised_c, normalised_r = _normalise(chosen), _normalise(rejected)
+        crlf = normalised_c != chosen or normalised_r != rejected
+        try:
+            pair = split_hh_pair(normalised_c, normalised_r)
+        except ValueError:
+            return None, NO_ASSISTANT, []
+        if HUMAN in pair[1] or HUMAN in pair[2]:
+            notes.append(REPLIES_SPAN_TURNS)
+    prompt, chosen_reply, rejected_reply = pair
+    if not prompt.strip() or not chosen_reply.strip() or not rejected_reply.strip():
+        return None, EMPTY, []
     if chosen_reply == rejected_reply:
-        return IDENTICAL
-    return None
+        if parser != "reference":
+            return None, IDENTICAL, []
+        notes.append(IDENTICAL_KEPT)
+    if crlf:
+        notes.append(CRLF)
+    if prompt.count(HUMAN) > 1:
+        notes.append(MULTI_TURN)
+    last_human = prompt[prompt.rfind(HUMAN) + len(HUMAN):].rsplit(ASSISTANT, 1)[0].strip() if HUMAN in prompt else ""
+    if last_human and (last_human in chosen_reply or last_human in rejected_reply):
+        notes.append(PROMPT_IN_REPLY)
+    return pair, None, notes
+
+
+def hh_pair_problem(chosen, rejected, parser: str = "shared_prefix") -> str | None:
+    """Why an HH record cannot become a preference pair, or None."""
+    return parse_hh_record(chosen, rejected, parser)[1]
 
 
 def transcript_to_messages(transcript: str) -> list[dict]:
@@ -83,14 +170,12 @@ def transcript_to_messages(transcript: str) -> list[dict]:
     return messages
 
 
-def _convert_batch(batch, as_messages: bool):
-    out = {"prompt": [], "chosen": [], "rejected": [], "_opensloth_drop": []}
+def _convert_batch(batch, as_messages: bool, parser: str):
+    out = {"prompt": [], "chosen": [], "rejected": [], "_opensloth_drop": [], "_opensloth_notes": []}
     for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
-        reason = hh_pair_problem(chosen, rejected)
-        if reason:
-            prompt = chosen_reply = rejected_reply = ""
-        else:
-            prompt, chosen_reply, rejected_reply = split_hh_pair(chosen, rejected)
+        pair, reason, notes = parse_hh_record(chosen, rejected, parser)
+        prompt, chosen_reply, rejected_reply = pair or ("", "", "")
+        out["_opensloth_notes"].append(",".join(notes))
         if as_messages:
             # Dropped rows still need the same Arrow type as kept ones.
             prompt = transcript_to_messages(prompt) if not reason else [{"role": "", "content": ""}]
@@ -103,7 +188,8 @@ def _convert_batch(batch, as_messages: bool):
     return out
 
 
-def build_hh_dataset(ds, as_messages: bool = False, name: str = "hh", source: str | None = None, num_proc=None):
+def build_hh_dataset(ds, as_messages: bool = False, name: str = "hh", source: str | None = None, num_proc=None,
+                     parser: str = "shared_prefix"):
     """Convert an HH dataset (``chosen``/``rejected`` transcripts) to preference pairs.
 
     Args:
@@ -113,6 +199,7 @@ def build_hh_dataset(ds, as_messages: bool = False, name: str = "hh", source: st
             instead of raw strings.
         name: label for the report.
         source: where the data came from, for error messages.
+        parser: ``shared_prefix`` or ``reference`` (see the module doc).
 
     Returns:
         ``(dataset, report)``; the dataset has ``prompt``, ``chosen``, ``rejected``.
@@ -127,7 +214,10 @@ def build_hh_dataset(ds, as_messages: bool = False, name: str = "hh", source: st
         batched=True,
         num_proc=num_proc,
         remove_columns=ds.column_names,
-        fn_kwargs={"as_messages": as_messages},
+        fn_kwargs={"as_messages": as_messages, "parser": parser},
+        # Splitting is cheap; a cached result keyed on this function's code would outlive a change of the
+        # reason names it reads from opensloth.data.report.
+        load_from_cache_file=False,
         desc=f"Splitting {name} transcripts",
     )
     report = DropReport(name=name)
@@ -136,8 +226,13 @@ def build_hh_dataset(ds, as_messages: bool = False, name: str = "hh", source: st
     for position, reason in enumerate(reasons):
         if reason:
             report.drop(reason, position)
+    for notes in converted["_opensloth_notes"]:
+        for what in filter(None, notes.split(",")):
+            report.note(what)
     if report.total_dropped:
         converted = converted.filter(lambda r: [not x for x in r], input_columns=["_opensloth_drop"], batched=True)
-    converted = converted.remove_columns(["_opensloth_drop"])
-    report.raise_if_empty("HH records need two transcripts that share the conversation up to a last Assistant turn.")
+    converted = converted.remove_columns(["_opensloth_drop", "_opensloth_notes"])
+    report.raise_if_empty("HH records need two transcripts that share the conversation up to a last Assistant turn"
+                          + (" (parser reference: rejected must start with chosen's prompt)." if parser == "reference"
+                             else "."))
     return converted, report

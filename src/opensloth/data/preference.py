@@ -6,9 +6,14 @@ It feeds ``train_dpo.py`` (:func:`load_preference_splits`; TRL tokenizes),
 (:func:`pairs_to_dataset` on the judged rollout pairs) alike.
 
 Formats are specs in the registry :mod:`opensloth.data.formats`: ``judged``
-rollouts, ``pairs`` (prompt/chosen/rejected), ``chat_pairs`` (conversations
-that differ in the last reply), Anthropic ``hh`` transcripts, and ``prepared``
-folders; ``fmt="auto"`` picks one from the columns and the first row.
+rollouts (ours, and the ``prompt_messages`` ones of dynamic-dpo-v1), ``pairs``
+(prompt/chosen/rejected), ``chat_pairs`` (conversations that differ in the
+last reply), Anthropic ``hh`` transcripts, and ``prepared`` folders;
+``fmt="auto"`` picks one from the columns and the first row.
+
+:func:`load_preference_splits` logs one size line per launch and split: the
+records read, each format stage's drops and counts, the ``val_ratio`` split
+and the ``train_samples`` / ``test_samples`` cut.
 
 Length policy (:func:`clamp_preference_record`), applied to token ids:
 
@@ -30,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from opensloth.data.errors import DatasetFormatError, require_columns
+from opensloth.data.errors import DatasetFormatError, MissingColumnsError, require_columns
 from opensloth.data.formats import PREFERENCE_FORMATS, detect_preference_format, format_names
 from opensloth.data.report import DropReport
 from opensloth.data.sources import load_records
@@ -130,7 +135,7 @@ def _as_messages(batch):
 
 
 def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_messages: bool = False,
-                            name: str | None = None):
+                            name: str | None = None, hh_parser: str = "shared_prefix"):
     """Load preference pairs from any supported format (see :mod:`opensloth.data.formats`).
 
     Args:
@@ -142,6 +147,7 @@ def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_
             message and replies one assistant message (HH transcripts are
             parsed into their turns).
         name: label of the drop report (default from the source).
+        hh_parser: ``shared_prefix`` or ``reference`` (see :mod:`opensloth.data.hh`).
 
     Returns:
         ``(dataset, report)`` with ``prompt``, ``chosen``, ``rejected`` columns.
@@ -162,16 +168,23 @@ def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_
                 spec = candidate
                 break
     if spec is not None:
-        ds, report = spec.load_path(source, name=name, split=split, as_messages=as_messages)
+        ds, report = spec.load_path(source, name=name, split=split, as_messages=as_messages, hh_parser=hh_parser)
     else:
         ds = source if isinstance(source, datasets.Dataset) else load_records(source, split)
         if fmt == "auto":
             first = ds[0] if len(ds) else {}
-            fmt = detect_preference_format(ds.column_names, first)
+            try:
+                fmt = detect_preference_format(ds.column_names, first)
+            except MissingColumnsError:
+                raise
+            except DatasetFormatError as exc:  # columns fit, values do not: name the source too
+                raise DatasetFormatError(str(exc), where) from None
         spec = PREFERENCE_FORMATS[fmt]
         if spec.convert is None:
             raise DatasetFormatError(f"{where or 'the dataset'} is not a {fmt!r} source ({spec.summary})")
-        ds, report = spec.convert(ds, name=name, source=where, split=split, as_messages=as_messages)
+        ds, report = spec.convert(ds, name=name, source=where, split=split, as_messages=as_messages,
+                                  hh_parser=hh_parser)
+    report.format = spec.name
     report.raise_if_empty()
     if as_messages and len(ds) and isinstance(ds[0]["prompt"], str):
         ds = ds.map(_as_messages, batched=True, desc="pairs -> messages")
@@ -180,30 +193,69 @@ def load_preference_dataset(source, split: str = "train", fmt: str = "auto", as_
 
 def load_preference_splits(source: str, *, train_split: str = "train", test_split: str = "test",
                            train_samples: int | None = None, test_samples: int = 0, fmt: str = "auto",
-                           as_messages: bool = False):
-    """``(train, eval_or_None)`` pairs for ``DPOTrainer`` from any supported format; the reports are logged.
+                           as_messages: bool = False, val_ratio: float = 0.0, split_seed: int = 42,
+                           hh_parser: str = "shared_prefix"):
+    """``(train, eval_or_None)`` pairs for ``DPOTrainer`` from any supported format; the sizes are logged.
 
-    ``train_samples`` / ``test_samples`` keep the first N pairs; no eval split
-    is read when ``test_samples`` is 0.
+    ``train_samples`` / ``test_samples`` keep the first N pairs. With
+    ``val_ratio`` > 0 the evaluation pairs are that fraction of the parsed
+    training pairs (``datasets.train_test_split(test_size=val_ratio,
+    seed=split_seed)``, as the dynamic-DPO repositories split) and
+    ``test_split`` is not read; ``test_samples`` then caps it (0: all of it).
+    Otherwise no eval split is read when ``test_samples`` is 0. One line per
+    split names every stage: read, format (drops by reason, counted cases),
+    split, cut.
 
     Raises:
         UserInputError (DatasetSourceError, DatasetFormatError, MissingColumnsError,
         EmptyDatasetError): the message names the source, the split and the fix.
     """
-    def load(split, limit, label):
+    if not 0 <= val_ratio < 1:
+        raise UserInputError(f"val_ratio={val_ratio} must lie in [0, 1)")
+
+    def load(split, label):
         try:
-            ds, report = load_preference_dataset(source, split, fmt=fmt, as_messages=as_messages,
-                                                 name=f"preference {label} {source}")
+            return load_preference_dataset(source, split, fmt=fmt, as_messages=as_messages,
+                                           name=f"preference {label} {source}", hh_parser=hh_parser)
         except UserInputError:
             raise
         except ValueError as exc:  # EmptyDatasetError
             raise UserInputError(f"dataset {source!r} split {split!r}: {exc}") from None
-        log_rank0(report.summary())
-        return ds if limit is None else ds.select(range(min(limit, len(ds))))
 
-    train = load(train_split, train_samples, "train")
-    val = load(test_split, test_samples, "test") if test_samples else None
+    def cut(ds, limit, stages, what):
+        if limit is not None and limit < len(ds):
+            stages.append(f"{what} {limit} -> {limit}")
+            return ds.select(range(limit))
+        return ds
+
+    train, report = load(train_split, "train")
+    stages = [_format_stage(report, train_split)]
+    val = None
+    if val_ratio > 0:
+        if len(train) < 2:
+            raise UserInputError(f"dataset {source!r}: {len(train)} pair(s) cannot be split by val_ratio={val_ratio}")
+        parts = train.train_test_split(test_size=val_ratio, seed=split_seed)
+        train, val = parts["train"], parts["test"]
+        stages.append(f"val_ratio {val_ratio} (seed {split_seed}) -> {len(train)} train / {len(val)} eval")
+        val = cut(val, test_samples or None, stages, "test_samples")
+    train = cut(train, train_samples, stages, "train_samples")
+    if val_ratio == 0 and test_samples:
+        val, val_report = load(test_split, "test")
+        val_stages = [_format_stage(val_report, test_split)]
+        val = cut(val, test_samples, val_stages, "test_samples")
+        log_rank0(f"preference eval data {source}: " + " | ".join(val_stages))
+    log_rank0(f"preference data {source}: " + " | ".join(stages) + f" => {len(train)} train"
+              + (f", {len(val)} eval" if val is not None else ", no eval"))
     return train, val
+
+
+def _format_stage(report: DropReport, split: str) -> str:
+    """``"split train: 44 read -> format hh: 41 kept (1 dropped (empty), ...)"``."""
+    dropped = ", ".join(f"{n} {r}" for r, n in report.dropped.items() if n)
+    noted = ", ".join(f"{n} {w}" for w, n in report.noted.items() if n)
+    return (f"split {split}: {report.total_in} read -> format {report.format}: "
+            f"{report.total_out} kept" + (f" (dropped: {dropped})" if dropped else "")
+            + (f" (counted: {noted})" if noted else ""))
 
 
 def pairs_to_dataset(pairs: list[dict], *, as_messages: bool):

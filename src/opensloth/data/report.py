@@ -21,6 +21,15 @@ SINGLE_CANDIDATE = "single_candidate"
 IDENTICAL = "identical_texts"
 TOO_LONG = "too_long"
 TRUNCATED = "truncated"  # kept, but shortened: not a drop
+NO_ASSISTANT = "no_assistant_turn"
+DIVERGING = "diverging_transcripts"
+CRLF_MISMATCH = "crlf_in_rejected"
+# Kept and counted (``DropReport.noted``): what a converter saw and handled.
+MULTI_TURN = "multi_turn"
+PROMPT_IN_REPLY = "prompt_text_in_reply"
+CRLF = "crlf_normalised"
+IDENTICAL_KEPT = "identical_texts_kept"
+REPLIES_SPAN_TURNS = "replies_span_turns"
 
 
 @dataclass
@@ -34,6 +43,9 @@ class DropReport:
         truncated: records kept but shortened to fit the length budget.
         examples: reason -> the first few positions dropped for it: line numbers
             when the records were read from a JSONL file, 0-based row indices otherwise.
+        noted: what -> number of kept records with that property (multi-turn
+            prompts, replies quoting the prompt, normalised line ends, ...).
+        format: the name of the preference format that produced it, when known.
     """
 
     name: str
@@ -41,6 +53,13 @@ class DropReport:
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     examples: dict[str, list[int]] = field(default_factory=dict)
+    noted: dict[str, int] = field(default_factory=dict)
+    format: str | None = None  # the preference format that produced it, when known
+
+    def note(self, what: str, n: int = 1) -> None:
+        """Count ``n`` kept records with property ``what``."""
+        if n:
+            self.noted[what] = self.noted.get(what, 0) + n
 
     @property
     def total_dropped(self) -> int:
@@ -66,6 +85,8 @@ class DropReport:
         for reason, pos in other.examples.items():
             seen = self.examples.setdefault(reason, [])
             seen.extend(p for p in pos if len(seen) < 5)
+        for what, n in other.noted.items():
+            self.note(what, n)
         return self
 
     def summary(self) -> str:
@@ -75,6 +96,8 @@ class DropReport:
                 parts.append(f"{n} dropped ({reason})")
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
+        if self.noted:
+            parts.append("counted: " + ", ".join(f"{n} {what}" for what, n in self.noted.items()))
         return ", ".join(parts)
 
     def as_dict(self) -> dict:
@@ -84,6 +107,7 @@ class DropReport:
             "kept": self.total_out,
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
+            "noted": dict(self.noted),
         }
 
     def raise_if_empty(self, hint: str = "") -> None:

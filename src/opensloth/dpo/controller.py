@@ -35,6 +35,16 @@ for step ``t + 1``. So ``beta_t = beta_0`` for ``t <= warmup_steps`` and the
 first changed beta is used at step ``warmup_steps + 1``. This is the same for
 every layout (ranks x gradient accumulation x micro-batch).
 
+``beta_timing`` changes only when :meth:`DynamicBetaController.observe_step`
+is called and which beta the loss uses (``opensloth.patches.dpo_dynamic_beta``
+applies it; :func:`opensloth.dpo.timing.replay` states it as a pure function):
+``same_batch`` observes every micro-batch (margins gathered over the ranks)
+and uses the new beta in that micro-batch's loss, ``micro_batch`` observes
+every micro-batch and uses the new beta from the next one. ``warmup_steps``
+then counts micro-batches. The presets ``reference`` / ``reference_v1`` set the
+rule, ``q = 1 - delta``, ``p_hat_inclusive`` (``>=``) and the timing of the two
+reference repositories.
+
 Risk rules (``risk_rule``) live in :mod:`opensloth.dpo.rules`, one registry
 entry each (:data:`RISK_RULES` lists their names). The p_hat rules
 (``hoeffding``, ``zscore``, ``hoeffding_deadband``) turn ``p_hat`` into ``u``
@@ -65,15 +75,22 @@ from opensloth.dpo.rules import (
 )
 
 RISK_RULES = tuple(RULES)
+# When beta is updated and from when the new beta is used (opensloth.patches.dpo_dynamic_beta applies it):
+# step: once per optimizer step from the whole global batch, used from the next step (layout-invariant);
+# same_batch: per micro-batch from its margins gathered over the ranks, used in that micro-batch's loss
+#   (SeanYHan888/dynamic_beta); micro_batch: per micro-batch, used from the next micro-batch (dynamic-dpo-v1).
+BETA_TIMINGS = ("step", "same_batch", "micro_batch")
+# Presets: the settings that make the controller reproduce a reference repository (see preset_values).
+PRESETS = ("none", "reference", "reference_v1")
 PHASE_WARMUP = "warmup"
 PHASE_DYNAMIC = "dynamic"
 STATE_VERSION = 2  # 2 adds the rule's own state; version-1 states (p_hat rules) still load
 EXTRA_KEYS = ("chosen_logratios", "rejected_logratios")
 
 __all__ = [
-    "RISK_RULES", "DynamicBetaConfig", "DynamicBetaController", "EMAUpdate", "WarmupQuantileAccumulator",
+    "BETA_TIMINGS", "PRESETS", "RISK_RULES", "DynamicBetaConfig", "DynamicBetaController", "EMAUpdate", "WarmupQuantileAccumulator",
     "RiskResult", "empirical_over_threshold_proportion", "hoeffding_epsilon", "margin_summary", "quantile",
-    "risk_test", "split_finite", "split_finite_pairs", "update_beta",
+    "preset_values", "risk_test", "split_finite", "split_finite_pairs", "update_beta",
 ]
 
 
@@ -105,10 +122,22 @@ class DynamicBetaConfig:
     kl_estimator: str = field(default="reverse", metadata={"help": f"kl_target: KL estimate from the completion log-ratios, one of {KL_ESTIMATORS}.", "choices": KL_ESTIMATORS})
     calib_r_min: float = field(default=0.3, metadata={"help": "calibration_floor: beta is raised while it is below calib_r_min x the calibrated temperature (> 0)."})
     calib_rate: float = field(default=0.02, metadata={"help": "calibration_floor: largest change of log(beta) per optimizer step (>= 0)."})
+    p_hat_inclusive: bool = field(default=False, metadata={"help": "p_hat counts margins >= tau (the reference code) instead of > tau (at the start of LoRA training every margin is 0 = tau)."})
+    beta_timing: str = field(default="step", metadata={"help": f"one of {BETA_TIMINGS}: step = per optimizer step from the global batch, used from the next step; same_batch = per micro-batch, gathered over ranks, used in that micro-batch's loss; micro_batch = per micro-batch, used from the next one. warmup_steps counts updates."})
+    preset: str = field(default="none", metadata={"help": f"one of {PRESETS}: reference = SeanYHan888/dynamic_beta (hoeffding, q = 1 - delta, >=, same_batch); reference_v1 = dynamic-dpo-v1 (zscore, q = 1 - delta, >=, micro_batch)."})
 
     def __post_init__(self):
         def bad(name, why, fix):
             raise ValueError(f"DynamicBetaConfig.{name}={getattr(self, name)!r} {why}; {fix}")
+
+        if self.preset not in PRESETS:
+            bad("preset", f"is not one of {PRESETS}", "use reference, reference_v1 or none")
+        for name, value in preset_values(self.preset, self.delta).items():
+            default = next(f.default for f in fields(self) if f.name == name)
+            if getattr(self, name) not in (default, value):
+                bad(name, f"contradicts preset {self.preset!r}, which sets it to {value!r}",
+                    f"drop {name} or the preset")
+            object.__setattr__(self, name, value)  # frozen dataclass: the preset fills the fields once, here
 
         for name in ("beta_0", "q", "delta", "eps0", "ema_lambda", "gamma", "alpha", "beta_min", "beta_max", "deadband",
                      "beta_dpo_a", "beta_dpo_momentum", "beta_dpo_filter_fraction", "beta_dpo_min", "kl_target",
@@ -158,6 +187,11 @@ class DynamicBetaConfig:
             bad("calib_r_min", "must be > 0", "use e.g. 0.3")
         if self.calib_rate < 0:
             bad("calib_rate", "must be >= 0", "use e.g. 0.02, or 0 to freeze beta")
+        if self.beta_timing not in BETA_TIMINGS:
+            bad("beta_timing", f"is not one of {BETA_TIMINGS}", "step keeps every layout equivalent")
+        if self.beta_timing != "step" and self.risk_rule not in P_HAT_TESTS:
+            bad("beta_timing", f"updates per micro-batch, which the p_hat rules {tuple(P_HAT_TESTS)} support",
+                "use beta_timing: step with this rule")
 
     @classmethod
     def from_dict(cls, values: dict) -> "DynamicBetaConfig":
@@ -172,6 +206,15 @@ class DynamicBetaConfig:
     def help_text(cls) -> str:
         """One line per field: name, default, help."""
         return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata.get('help', '')}" for f in fields(cls))
+
+
+def preset_values(preset: str, delta: float) -> dict:
+    """The fields a preset sets (``q`` follows ``delta``, as in the reference code: ``q = 1 - delta``)."""
+    if preset == "reference":
+        return {"risk_rule": "hoeffding", "q": 1.0 - delta, "p_hat_inclusive": True, "beta_timing": "same_batch"}
+    if preset == "reference_v1":
+        return {"risk_rule": "zscore", "q": 1.0 - delta, "p_hat_inclusive": True, "beta_timing": "micro_batch"}
+    return {}
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -222,10 +265,12 @@ def quantile(values: Sequence[float], q: float) -> float:
     return xs[lo] + frac * (xs[hi] - xs[lo])
 
 
-def empirical_over_threshold_proportion(margins: Sequence[float], tau: float) -> float:
-    """``p_hat``: fraction of ``margins`` strictly above ``tau`` (0.0 for no margins)."""
+def empirical_over_threshold_proportion(margins: Sequence[float], tau: float, inclusive: bool = False) -> float:
+    """``p_hat``: fraction of ``margins`` above ``tau`` (strictly, or ``>=`` with ``inclusive``; 0.0 for none)."""
     if not margins:
         return 0.0
+    if inclusive:
+        return sum(1 for m in margins if m >= tau) / len(margins)
     return sum(1 for m in margins if m > tau) / len(margins)
 
 
@@ -404,7 +449,7 @@ class DynamicBetaController:
                 self.warmup.values = []  # no longer needed; keeps checkpoints small
         elif finite:
             self.tau = self._ema.update(finite)
-            p_hat = empirical_over_threshold_proportion(finite, self.tau)
+            p_hat = empirical_over_threshold_proportion(finite, self.tau, cfg.p_hat_inclusive)
         record.update(tau=self.tau, p_hat=p_hat, risk_over=False, u=0.0, s=0.0, eps=None)
         if finite:
             signals = StepSignals(

@@ -71,8 +71,9 @@ def parameter_report(trainer_or_model) -> dict:
         counts["total"] += n
         if param.requires_grad:
             counts["trainable"] += n
-        storage = param.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes() // max(param.element_size(), 1)
+        local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP2 shard: this rank's storage
+        storage = local.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes() // max(local.element_size(), 1)
     for buf in model.buffers():
         storage = buf.untyped_storage()
         storages.setdefault(storage.data_ptr(), storage.nbytes() // max(buf.element_size(), 1))

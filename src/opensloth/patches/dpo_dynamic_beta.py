@@ -41,6 +41,7 @@ import json
 import math
 import os
 
+import torch
 from transformers import TrainerCallback
 
 from opensloth.atomic import write_json_atomic
@@ -94,20 +95,25 @@ _LOSS_SOURCE_SNIPPETS = [
 
 
 @contextlib.contextmanager
-def capture_fused_log_probs(module):
-    """Collect ``output.log_probs`` (detached) of every forward of ``module`` inside the block."""
+def capture_fused_log_probs(*modules, keep_graph: bool = False):
+    """Collect ``output.log_probs`` of every forward of ``modules`` inside the block, in call order.
+
+    Detached unless ``keep_graph`` (the ``same_batch`` timing rebuilds the loss
+    from them). None entries are skipped (no separate reference model).
+    """
     captured = []
 
     def hook(_module, _args, output):
         log_probs = getattr(output, "log_probs", None)
         if log_probs is not None:
-            captured.append(log_probs.detach())
+            captured.append(log_probs if keep_graph else log_probs.detach())
 
-    handle = module.register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook) for m in modules if m is not None]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def logratios_from_log_probs(captured: list, inputs: dict, precomputed_ref: bool):
@@ -173,7 +179,7 @@ def _write_json_atomic(path: str, payload: dict) -> None:
 class DynamicBetaRuntime:
     """Controller, margin buffer and logs of one trainer (created by :func:`attach_dynamic_beta`)."""
 
-    def __init__(self, trainer, config: DynamicBetaConfig, margins_log_path: str):
+    def __init__(self, trainer, config: DynamicBetaConfig, margins_log_path: str, on_update=None):
         self.trainer = trainer
         self.controller = DynamicBetaController(config)
         self.pending: list[float] = []  # this rank's margins of the current optimizer step
@@ -183,6 +189,10 @@ class DynamicBetaRuntime:
         self.is_main = trainer.accelerator.is_main_process
         self.last_records: list[dict] = []
         self._log_file = None  # opened on first write (rank 0), flushed every step
+        # Extra writer called on rank 0 after every update (opensloth.dpo.reference_logs.ReferenceLogWriter).
+        self.on_update = on_update
+        self.epoch = 0  # 0-based epoch and the update's index within it, for on_update
+        self.index_in_epoch = 0
 
     @property
     def beta(self) -> float:
@@ -197,12 +207,39 @@ class DynamicBetaRuntime:
             self.pending_logratios["chosen_logratios"].extend(chosen_logratios)
             self.pending_logratios["rejected_logratios"].extend(rejected_logratios)
 
-    def end_step(self, global_step: int) -> list[dict]:
-        """Gather the step's margins from every rank, update the controller, log. Returns the records."""
+    def begin_epoch(self, epoch: float) -> None:
+        """The Trainer starts epoch ``floor(epoch)`` (its fractional epoch count so far)."""
+        self.epoch = math.floor(epoch + 1e-9)
+        self.index_in_epoch = 0
 
+    @property
+    def per_micro_batch(self) -> bool:
+        """The timings that update beta inside every ``_compute_loss`` call instead of at the step boundary."""
+        return self.controller.config.beta_timing != "step"
+
+    def end_step(self, global_step: int, epoch: float | None = None) -> list[dict]:
+        """Gather the step's margins from every rank, update the controller, log. Returns the records."""
         local, self.pending = self.pending, []
+        if self.controller.step != global_step - 1:
+            raise RuntimeError(
+                f"dynamic-beta controller has seen {self.controller.step} steps but the trainer finished "
+                f"step {global_step}; was the controller state restored on resume?"
+            )
         local_lr = self.pending_logratios
         self.pending_logratios = {"chosen_logratios": [], "rejected_logratios": []}
+        return self._update(local, global_step, epoch, local_lr)
+
+    def update_micro_batch(self, local: list[float]) -> list[dict]:
+        """``same_batch`` / ``micro_batch`` timings: update from this micro-batch's margins, gathered over ranks.
+
+        Every rank calls it once per training micro-batch (a collective), inside ``_compute_loss``.
+        """
+        state = self.trainer.state
+        return self._update(local, state.global_step + 1, state.epoch)
+
+    def _update(self, local: list[float], global_step: int, epoch: float | None,
+                local_lr: dict | None = None) -> list[dict]:
+        beta_old, update = self.controller.beta, self.controller.step
         payload = {"digest": self.controller.digest(), "margins": local}
         if self.controller.needs_logratios:
             payload.update(local_lr)
@@ -210,11 +247,6 @@ class DynamicBetaRuntime:
         digests = [g["digest"] for g in gathered]
         if any(d != digests[0] for d in digests):
             raise RuntimeError(f"dynamic-beta controller state differs across ranks: {digests}")
-        if self.controller.step != global_step - 1:
-            raise RuntimeError(
-                f"dynamic-beta controller has seen {self.controller.step} steps but the trainer finished "
-                f"step {global_step}; was the controller state restored on resume?"
-            )
         margins = [m for g in gathered for m in g["margins"]]  # rank order, then micro-batch order
         extras = None
         if self.controller.needs_logratios:  # same order as the margins
@@ -223,14 +255,21 @@ class DynamicBetaRuntime:
         for rec in records:
             rec["global_step"] = global_step
             if rec["type"] == "warmup_end":
-                log_rank0(f"dynamic beta: warmup ended at step {global_step}, tau_0={rec['tau_0']:.6g} "
-                          f"from {rec['n_warmup_margins']} margins")
+                log_rank0(f"dynamic beta: warmup ended at step {global_step} (update {update}), "
+                          f"tau_0={rec['tau_0']:.6g} from {rec['n_warmup_margins']} margins")
+        if self.controller.config.beta_timing == "same_batch":
+            records[-1]["beta_used"] = records[-1]["beta_next"]  # this micro-batch's loss uses the new beta
         if records[-1]["n_nonfinite"]:
             warn_rank0(f"dynamic beta: step {global_step} had {records[-1]['n_nonfinite']} NaN/inf margins; "
                        "they were left out of tau and p_hat")
         self._append_log(records)
         self._push_metrics(records[-1])
         self.last_records = records
+        if self.on_update is not None and self.is_main:
+            self.on_update(epoch=self.epoch, index=self.index_in_epoch, update=update, margins=margins,
+                           records=records, beta_old=beta_old, config=self.controller.config,
+                           epoch_float=float(epoch if epoch is not None else self.epoch))
+        self.index_in_epoch += 1
         return records
 
     def _append_log(self, records: list[dict]) -> None:
@@ -244,10 +283,12 @@ class DynamicBetaRuntime:
         self._log_file.flush()
 
     def close(self) -> None:
-        """Close the margins JSONL (reopened in append mode on the next write)."""
+        """Close the margins JSONL (reopened in append mode on the next write) and the extra writer."""
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.on_update is not None and hasattr(self.on_update, "close"):
+            self.on_update.close()
 
     def _push_metrics(self, rec: dict) -> None:
         # TRL's log() averages every list in _metrics over the logging window and clears it.
@@ -287,6 +328,8 @@ class DynamicBetaRuntime:
             self.controller.load_state_dict(json.load(fh))
         self.pending = []
         self.pending_logratios = {"chosen_logratios": [], "rejected_logratios": []}
+        if self.on_update is not None and hasattr(self.on_update, "append"):
+            self.on_update.append = True  # continue the extra logs of the interrupted run
         log_rank0(f"dynamic beta: resumed from {path} at step {self.controller.step} "
                   f"(phase={self.controller.phase}, beta={self.controller.beta:.6g})")
         self._append_log([{"type": "resume", "step": self.controller.step, "checkpoint": checkpoint_dir,
@@ -300,15 +343,19 @@ class DynamicBetaCallback(TrainerCallback):
         self.runtime = runtime
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.runtime.controller.step != state.global_step:
+        if not self.runtime.per_micro_batch and self.runtime.controller.step != state.global_step:
             raise RuntimeError(
                 f"dynamic-beta controller is at step {self.runtime.controller.step} but training starts at "
                 f"step {state.global_step}; resume with trainer.train(resume_from_checkpoint=...) on a trainer "
                 "patched by patch_dpo_trainer_dynamic_beta, which restores the controller"
             )
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.runtime.begin_epoch(state.epoch or 0.0)
+
     def on_step_end(self, args, state, control, **kwargs):
-        self.runtime.end_step(state.global_step)
+        if not self.runtime.per_micro_batch:
+            self.runtime.end_step(state.global_step, state.epoch)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.runtime.close()
@@ -328,15 +375,31 @@ def _make_compute_loss(original):
         runtime = getattr(self, RUNTIME_ATTR, None)
         if runtime is None:
             return original(self, model, inputs, return_outputs)
-        self.beta = runtime.beta  # fixed for every micro-batch of this optimizer step
-        with capture_fused_log_probs(self.model) as captured:
+        training = self.model.training
+        same_batch = training and runtime.controller.config.beta_timing == "same_batch"
+        self.beta = runtime.beta  # step timing: fixed for every micro-batch of this optimizer step
+        # The policy pass, then the reference pass: the adapter-disabled policy (LoRA) or the separate ref_model.
+        with capture_fused_log_probs(self.model, getattr(self, "ref_model", None), keep_graph=same_batch) as captured:
             result = original(self, model, inputs, return_outputs)
         chosen, rejected = logratios_from_log_probs(captured, inputs, self.precompute_ref_logps)
-        margins = (chosen - rejected).double().cpu().tolist()
+        margin_tensor = chosen - rejected
+        margins = margin_tensor.detach().double().cpu().tolist()
         check_loss_matches(result[0] if return_outputs else result, margins, self.beta, self.loss_weights[0])
-        if self.model.training:
-            runtime.add_margins(margins, chosen.double().cpu().tolist(), rejected.double().cpu().tolist())
-        return result
+        if not training:
+            return result  # evaluation never moves the controller
+        chosen_lr, rejected_lr = chosen.detach().double().cpu().tolist(), rejected.detach().double().cpu().tolist()
+        if not runtime.per_micro_batch:
+            runtime.add_margins(margins, chosen_lr, rejected_lr)
+            return result
+        runtime.update_micro_batch(margins)  # collective: every rank's margins of this micro-batch
+        if not same_batch:
+            return result  # micro_batch: the new beta applies from the next micro-batch
+        # same_batch: this micro-batch's loss uses the beta just computed from its own margins, with TRL's
+        # arithmetic (-logsigmoid(beta * M), mean, loss weight) on the same graph. TRL's rewards/* metrics of
+        # this call were logged with the previous beta.
+        self.beta = runtime.beta
+        loss = (-torch.nn.functional.logsigmoid(self.beta * margin_tensor)).mean() * self.loss_weights[0]
+        return (loss, *result[1:]) if return_outputs else loss
 
     return _compute_loss
 
@@ -411,7 +474,8 @@ def _check_supported(trainer) -> None:
         raise ValueError("dynamic beta supports the plain sigmoid DPO loss only; got " + ", ".join(problems))
 
 
-def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path: str | None = None) -> DynamicBetaRuntime:
+def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path: str | None = None,
+                        on_update=None) -> DynamicBetaRuntime:
     """Give ``trainer`` a dynamic-beta controller. Call once, before ``train()``.
 
     Args:
@@ -419,6 +483,10 @@ def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path:
         config: controller settings (frozen; each trainer gets its own controller).
         margins_log_path: JSONL written by rank 0, one record per step;
             default ``<output_dir>/logs/margins/margins.jsonl``.
+        on_update: called on rank 0 after every update with keywords ``epoch``,
+            ``index``, ``update``, ``margins``, ``records``, ``beta_old``,
+            ``config``, ``epoch_float`` (e.g. a
+            :class:`opensloth.dpo.reference_logs.ReferenceLogWriter`).
 
     Returns:
         The :class:`DynamicBetaRuntime` (also stored on the trainer).
@@ -442,7 +510,7 @@ def attach_dynamic_beta(trainer, config: DynamicBetaConfig, *, margins_log_path:
                          "trainer does not apply yet; use risk_rule 'beta_dpo' (the same calibration without the filter)")
     if margins_log_path is None:
         margins_log_path = os.path.join(trainer.args.output_dir, "logs", "margins", "margins.jsonl")
-    runtime = DynamicBetaRuntime(trainer, config, margins_log_path)
+    runtime = DynamicBetaRuntime(trainer, config, margins_log_path, on_update=on_update)
     setattr(trainer, RUNTIME_ATTR, runtime)
     trainer.beta = runtime.beta
     trainer.add_callback(DynamicBetaCallback(runtime))

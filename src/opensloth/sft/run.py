@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from opensloth.cache import sft_dataset_kwargs
 from opensloth.config import Section, resolve, setting
 from opensloth.errors import UserInputError
-from opensloth.launch import (BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, check_model_source,
+from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, LR_SCHEDULER_HELP, LR_SCHEDULERS,
+                              MAX_GRAD_NORM_HELP, WEIGHT_DECAY_HELP, check_model_source, check_optimizer_settings,
                               model_dtype_name, training_args_kwargs)
 from opensloth.log import log_rank0
 from opensloth.patches.batch_samples import PATCH_NAME as BATCH_PATCH
@@ -41,8 +42,11 @@ class SFTSettings:
     eval_steps: int | None = setting(None, "evaluate every N steps (default: --logging_steps x 5)")
     eval_batch_size: int | None = setting(None, "per-device eval batch (default: the train one); 1 makes eval_loss "
                                                 "independent of the world size, since Trainer averages per-batch means")
-    learning_rate: float = setting(2e-4, "peak learning rate (linear decay)")
+    learning_rate: float = setting(2e-4, "peak learning rate (decayed by --lr_scheduler_type)")
     warmup_steps: int = setting(0, "linear warmup steps")
+    lr_scheduler_type: str = setting("linear", LR_SCHEDULER_HELP, choices=LR_SCHEDULERS)
+    weight_decay: float = setting(0.0, WEIGHT_DECAY_HELP)
+    max_grad_norm: float = setting(1.0, MAX_GRAD_NORM_HELP)
     per_device_batch_size: int | None = setting(None, "micro-batch per rank (default 8)")
     global_batch_size: int | None = setting(None, "derive the per-device size as global / (world_size x grad_accum)")
     grad_accum: int = setting(1, "gradient accumulation steps")
@@ -68,6 +72,7 @@ class SFTSettings:
     assistant_only_loss: bool = setting(False, "train only on assistant turns (needs {% generation %} markers in "
                                                "the chat template)")
     no_gradient_checkpointing: bool = setting(False, "turn gradient checkpointing off")
+    fsdp: bool = setting(False, FSDP_HELP)
     skip_prepare: bool = setting(False, "train from a tokenized dataset written by precompute_dataset.py")
     prepared_dataset_path: str | None = setting(None, "folder with train/ (and val/) from precompute_dataset.py; "
                                                       "needs --skip_prepare")
@@ -87,6 +92,7 @@ class SFTSettings:
                 raise UserInputError(f"--{name} {value} must be >= 0")
         if self.logging_steps < 1:
             raise UserInputError(f"--logging_steps {self.logging_steps} must be >= 1")
+        check_optimizer_settings(self)
 
 
 SECTIONS = (Section(None, SFTSettings),)
