@@ -26,6 +26,7 @@ from opensloth.atomic import write_json_atomic
 from opensloth.cache.key import diff_key_parts
 from opensloth.cache.store import READY_FILE, VERIFY_MODES, inspect_prepared, pid_alive
 from opensloth.distributed import DistEnv, all_gather_object_list, ensure_process_group
+from opensloth.errors import EXIT_USER, ReportedError
 from opensloth.log import log_all_ranks
 
 __all__ = [
@@ -57,8 +58,9 @@ SYNC_MODES = ("auto", "barrier", "file")
 _CLOCK_SKEW_S = 5.0
 
 
-class DatasetCacheError(RuntimeError):
-    """Base class of the dataset-cache errors."""
+class DatasetCacheError(ReportedError, RuntimeError):
+    """Base class of the dataset-cache errors; each message names the cache and what to do, so scripts
+    print it as one line (exit code 1: the run failed; see :func:`opensloth.errors.run_cli`)."""
 
 
 class CacheWaitTimeout(DatasetCacheError):
@@ -75,6 +77,8 @@ class CacheBuilderDiedError(DatasetCacheError):
 
 class DatasetCacheMismatchError(DatasetCacheError):
     """Ranks disagree on the cache key, or the trainer's data options differ from the cached ones."""
+
+    exit_code = EXIT_USER
 
 
 @dataclass
