@@ -78,7 +78,11 @@ from opensloth.distributed import barrier, distributed_env
 from opensloth.log import log_all_ranks, log_rank0, warn_rank0
 from opensloth.patches.prepare_alone import prepare_alone
 
-__all__ = ["cache_dataset_wrapper", "simple_cache_dataset_wrapper", "sft_dataset_kwargs"]
+__all__ = ["DATA_REPORT", "cache_dataset_wrapper", "simple_cache_dataset_wrapper", "sft_dataset_kwargs"]
+
+# A trainer attribute (a JSON-able dict) the factory may set on the raw data; the cache stores it in
+# cache_metadata.json and sets it again on every trainer built from the cache.
+DATA_REPORT = "opensloth_data_report"
 
 
 def sft_dataset_kwargs(train_dataset) -> dict | None:
@@ -143,6 +147,8 @@ def _build_and_publish(factory, call_args, call_kwargs, path, key, parts, cfg, l
                 "build_seconds": round(build_s, 3),
                 "build_cpu_seconds": round(build_cpu_s, 3),
                 "created_by": {"rank": launch.env.rank, "world_size": launch.env.world_size},
+                # What the factory found in the raw data (e.g. conversations it cut), for later launches.
+                DATA_REPORT: getattr(trainer, DATA_REPORT, None),
             }
             written = publish_prepared(
                 path, {"train": trainer.train_dataset, "val": trainer.eval_dataset}, metadata, cfg.verify
@@ -196,6 +202,8 @@ def _run_factory_on_cache(factory, call_args, call_kwargs, path, metadata, alone
     with prepare_alone(alone):
         trainer = factory(model, tokenizer, train, val, world_size, *call_args[5:], **call_kwargs)
     _check_prepare_args(trainer, metadata, path)
+    if metadata.get(DATA_REPORT) is not None:
+        setattr(trainer, DATA_REPORT, metadata[DATA_REPORT])
     if getattr(trainer, "train_dataset", None) is not train or getattr(trainer, "eval_dataset", None) is not val:
         # The factory let the trainer prepare the cached data again. Nothing is re-tokenized
         # (the rows carry input_ids), but a shuffle would give this rank another order than

@@ -68,6 +68,7 @@ RISK_RULES = ("hoeffding", "zscore", "hoeffding_deadband")
 PHASE_WARMUP = "warmup"
 PHASE_DYNAMIC = "dynamic"
 STATE_VERSION = 1
+STATE_FILE = "dynamic_beta_state.json"  # the controller state inside each checkpoint folder
 
 
 # --------------------------------------------------------------------------- config
