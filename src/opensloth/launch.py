@@ -3,10 +3,11 @@
 The scripts under ``train_scripts/`` read top to bottom and call these
 helpers, in this order::
 
-    launch = setup_run(settings)                     # checks, Unsloth first, ddp_patch(), run dir
+    launch = setup_run(settings, data=...)           # checks, pre-flight, Unsloth first, ddp_patch(), run dir
     model, tokenizer = load_model_and_tokenizer(...) # base model + LoRA, same seed on every rank
     config = SFTConfig(**training_args_kwargs(...), ...)   # or DPOConfig: one builder for both
-    train_and_save(trainer, model, tokenizer, launch.run_dir)
+    train_and_save(trainer, model, tokenizer, launch.run_dir,
+                   resume_from_checkpoint=launch.resume_from_checkpoint)   # complete checkpoints only
 
 Nothing runs at import time and nothing heavy is imported until a function
 needs it (Unsloth must be imported before transformers and TRL).

@@ -61,6 +61,7 @@ from opensloth.cache.coordination import (
     is_builder,
     marker_path,
     remove_file,
+    require_shared_cache_dir,
     setup_launch,
     wait_for_prepared,
     write_marker,
@@ -234,6 +235,7 @@ def _cached_trainer(factory, cfg: DatasetCacheConfig, cache_key_params: dict, ca
     parts = cache_key_parts(train_dataset, val_dataset, tokenizer, max_seq_length, cache_key_params)
     key = compute_cache_key(parts)
     agree_on_key(launch, key, parts)
+    require_shared_cache_dir(launch, cfg, os.path.abspath(cfg.cache_dir))
     path = os.path.join(os.path.abspath(cfg.cache_dir), key)
     log_rank0(f"dataset cache key {key} ({time.perf_counter() - t0:.2f}s to fingerprint); cache {path}")
     alone = launch.use_group  # only a process group can make main_process_first wait
