@@ -551,3 +551,26 @@ def test_default_cache_dir_is_a_user_cache_never_the_data_folder(monkeypatch, tm
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "c"))
     assert DatasetCacheConfig().cache_dir == str(tmp_path / "c")
     assert "data" not in default_cache_dir({}).split("/")[-2:]
+def test_a_global_builder_whose_folder_other_hosts_cannot_see_is_refused_at_once(tmp_path, monkeypatch):
+    """Node-local cache folders with builder='global': every rank stops with the fix instead of waiting 30 min."""
+    import opensloth.cache.coordination as coordination
+    from opensloth.cache.coordination import (CacheLaunch, CacheNotSharedError, DatasetCacheConfig,
+                                              require_shared_cache_dir)
+    from opensloth.distributed import DistEnv
+
+    calls = []
+    monkeypatch.setattr(coordination, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(coordination, "all_gather_object_list", lambda seen: [seen, False])  # rank 1 sees nothing
+    env = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=1)
+    launch = CacheLaunch(env=env, use_group=True, launch_id="L1", host="node-a", started=0.0, hosts=["node-a", "node-b"])
+    cache = tmp_path / "cache"
+    fast = dict(poll_interval_s=0.01, heartbeat_interval_s=0.01, heartbeat_timeout_s=0.05)
+    with pytest.raises(CacheNotSharedError, match="node-b cannot see.*--cache_builder local") as err:
+        require_shared_cache_dir(launch, DatasetCacheConfig(cache_dir=str(cache), **fast), str(cache))
+    assert err.value.every_rank and err.value.exit_code == 2
+    assert calls == ["barrier", "barrier"] and os.listdir(cache) == []  # the probe is gone
+    calls.clear()
+    require_shared_cache_dir(launch, DatasetCacheConfig(cache_dir=str(cache), builder="local"), str(cache))
+    launch.hosts = ["node-a", "node-a"]
+    require_shared_cache_dir(launch, DatasetCacheConfig(cache_dir=str(cache)), str(cache))
+    assert calls == []  # one host, or node-local builders: nothing to check

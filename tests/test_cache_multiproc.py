@@ -119,6 +119,23 @@ def test_killed_builder_then_relaunch(tmp_path):
     assert single[0]["train_fingerprint"] == second[0]["train_fingerprint"]
 
 
+@pytest.mark.slow
+def test_concurrent_launches_on_one_cache(tmp_path):
+    """Two independent launches start at once on one cold cache: both build, one copy is kept, same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(launch, "fake", tmp_path / f"launch{i}", cache, 1) for i in (0, 1)]
+        first, second = (_ok(f.result())[0] for f in futures)
+    assert first["train_fingerprint"] == second["train_fingerprint"]
+    published = [e for e in os.listdir(cache) if not e.startswith(".")]
+    assert len(published) == 1 and os.path.exists(os.path.join(cache, published[0], "READY"))
+    assert not [e for e in os.listdir(cache) if ".tmp-" in e or ".trash-" in e], "a loser's temporary folder was left"
+    third = _ok(launch("fake", tmp_path / "third", cache, world_size=1))[0]  # and a later launch reuses it
+    assert third["factory_got"] == ["tokenized"] and third["train_fingerprint"] == first["train_fingerprint"]
+
+
 # ---- worker (rank side) ------------------------------------------------------------------
 
 

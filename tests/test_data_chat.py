@@ -132,3 +132,19 @@ def test_assistant_only_needs_generation_markers(tokenizer):
         prepare_chat_dataset(ds, plain, mode="tokens", assistant_only=True)
 
 
+
+
+def test_count_truncated_reports_what_the_trainer_cuts(tokenizer):
+    from opensloth.data import load_records
+    from opensloth.data.chat import count_truncated, truncation_message
+
+    raw = load_records(SFT_DIR, "train[:40]").select_columns(["messages"])
+    lengths = [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
+               for m in raw["messages"]]
+    limit = sorted(lengths)[len(lengths) // 2]
+    report = count_truncated(raw, tokenizer, limit, batch_size=16)
+    assert report == {"records": 40, "truncated": sum(n > limit for n in lengths), "longest": max(lengths),
+                      "max_seq_length": limit}
+    line = truncation_message(report)
+    assert f"{report['truncated']} of 40" in line and f"longest: {max(lengths)}" in line and "--max_seq_length" in line
+    assert truncation_message(count_truncated(raw, tokenizer, max(lengths))) is None

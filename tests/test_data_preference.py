@@ -388,3 +388,20 @@ def test_raw_hh_from_a_parquet_file(tmp_path):
     from_parquet, parquet_report = load_preference_dataset(path, hh_parser="reference")
     assert from_parquet[:] == from_jsonl[:]
     assert (parquet_report.dropped, parquet_report.noted) == (jsonl_report.dropped, jsonl_report.noted)
+def test_pairs_identical_after_clamping_are_dropped_and_counted(tokenizer):
+    """Texts that differ only past the token budget become identical ids: dropped, as train_dpo drops them."""
+    import datasets
+
+    from opensloth.data import tokenize_preference_dataset
+
+    shared = "word " * 40
+    pairs = datasets.Dataset.from_list([
+        {"prompt": "q1", "chosen": shared + "yes", "rejected": shared + "no"},  # differ after 40 words
+        {"prompt": "q2", "chosen": "short yes", "rejected": "short no"},
+    ])
+    out, report = tokenize_preference_dataset(pairs, tokenizer, max_length=24, min_prompt_tokens=4)
+    assert report.dropped == {"identical_after_truncation": 1} and report.examples["identical_after_truncation"] == [0]
+    assert len(out) == 1 and out[0]["chosen_ids"] != out[0]["rejected_ids"]
+    assert "1 dropped (identical_after_truncation)" in report.summary()
+    whole, report = tokenize_preference_dataset(pairs, tokenizer, max_length=512)
+    assert len(whole) == 2 and not report.dropped

@@ -98,3 +98,27 @@ def test_hub_id_from_offline_datasets_cache(tmp_path):
     assert "ERR True" in out
 
 
+
+
+def test_non_utf8_and_empty_files_name_the_file_and_line(tmp_path):
+    """datasets reads a Latin-1 byte without complaint; the pre-flight inspection names the line."""
+    from opensloth.data import DatasetFormatError, DatasetSourceError, load_records
+    from opensloth.data.sources import inspect_source
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DatasetFormatError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        inspect_source(str(path))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetSourceError, match="empty.jsonl is empty"):
+        load_records(str(tmp_path / "empty.jsonl"))
+
+
+def test_a_typo_of_a_local_folder_is_not_sent_to_the_hub(monkeypatch):
+    from opensloth.data import DatasetSourceError, load_records
+    from opensloth.data.sources import looks_local
+
+    monkeypatch.chdir(ROOT)
+    assert looks_local("data/sftt") and not looks_local("trl-lib/Capybara")
+    with pytest.raises(DatasetSourceError, match=r"did you mean data/sft\?"):
+        load_records("data/sftt")

@@ -37,3 +37,22 @@ def test_left_truncating_collator_keeps_the_prompt_tail():
     chosen, rejected = batch["input_ids"].tolist()
     assert chosen[:5] == [3, 4, 5, 6, 7] and rejected == [3, 4, 5, 8, 9, 10]  # same prompt tail for both
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_drop_identical_pairs_after_the_fit():
+    import datasets
+
+    from opensloth.dpo.collator import drop_identical_pairs
+
+    ds = datasets.Dataset.from_dict({
+        "prompt_ids": [[1, 2], [1, 2], [1] * 6],
+        "chosen_ids": [[5, 6, 7, 8], [5, 6], [5, 9]],
+        "rejected_ids": [[5, 6, 7, 9], [5, 7], [5, 8]],
+    })
+    # max_length 3: completions are cut to [5, 6, 7] in pair 0 (identical); pair 1 and 2 still differ.
+    kept, dropped = drop_identical_pairs(ds, 3)
+    assert dropped == 1 and kept["chosen_ids"] == [[5, 6], [5, 9]]
+    assert drop_identical_pairs(ds, None)[1] == 0
+    # TRL's keep_start cut of prompt + completion to 4: pair 0 keeps [1, 2, 5, 6] twice, pair 2 only its prompt.
+    kept, dropped = drop_identical_pairs(ds, 4, left_truncate=False)
+    assert dropped == 2 and kept["chosen_ids"] == [[5, 6]]

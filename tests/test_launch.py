@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from opensloth.dpo.controller import DynamicBetaConfig
 from opensloth.dpo.run import DPORunSettings, make_dpo_config
 from opensloth.errors import UserInputError
-from opensloth.launch import LoraSettings, train_and_save, training_args_kwargs
+from opensloth.launch import LoraSettings, add_checkpoint_marker, train_and_save, training_args_kwargs
 from opensloth.sft import SFTSettings, make_sft_config
 
 SHARED = dict(per_device_batch_size=None, eval_batch_size=2, grad_accum=3, learning_rate=5e-5, num_epochs=2.0,
@@ -37,6 +39,13 @@ def test_sft_and_dpo_configs_share_every_training_argument():
 class _Trainer:
     def __init__(self, rank0: bool):
         self.rank0, self.calls = rank0, []
+        self.callback_handler = SimpleNamespace(callbacks=[])
+
+    def add_callback(self, callback):
+        self.callback_handler.callbacks.append(callback)
+
+    def remove_callback(self, callback):
+        self.callback_handler.callbacks.remove(callback)
 
     def train(self, resume_from_checkpoint=None):
         self.calls.append(("train", resume_from_checkpoint))
@@ -56,14 +65,52 @@ class _Saves:
         self.log.append((self.what, path))
 
 
+def _checkpoint(run_dir, step, complete=True):
+    from opensloth.checkpoint import checkpoint_dir, write_marker
+
+    path = checkpoint_dir(str(run_dir), step)
+    os.makedirs(path)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        open(os.path.join(path, name), "w").close()
+    if complete:
+        write_marker(path, step, world_size=1)
+    return path
+
+
 @pytest.mark.parametrize("rank0", [True, False])
-def test_train_and_save(rank0):
+def test_train_and_save(rank0, tmp_path):
+    run = str(tmp_path / "run")
+    complete = _checkpoint(run, 2)
+    _checkpoint(run, 4, complete=False)  # cut short while saving
     trainer, saved = _Trainer(rank0), []
-    seconds = train_and_save(trainer, _Saves(saved, "model"), _Saves(saved, "tokenizer"), "run",
+    seconds = train_and_save(trainer, _Saves(saved, "model"), _Saves(saved, "tokenizer"), run,
                              resume_from_checkpoint="last", save_extra=lambda d: saved.append(("extra", d)))
     assert seconds >= 0
-    assert trainer.calls == [("train", True), ("save_state",)]  # "last" -> the newest checkpoint of the run dir
-    assert saved == ([("model", "run"), ("tokenizer", "run"), ("extra", "run")] if rank0 else [])
+    assert trainer.calls == [("train", complete), ("save_state",)]  # "last" -> the last COMPLETE checkpoint
+    assert saved == ([("model", run), ("tokenizer", run), ("extra", run)] if rank0 else [])
+    assert [type(c).__name__ for c in trainer.callback_handler.callbacks] == ["CheckpointMarker"]
+    train_and_save(trainer, _Saves([], "m"), _Saves([], "t"), run)
+    assert len(trainer.callback_handler.callbacks) == 1  # added once, last
+
+
+def test_checkpoint_marker_is_written_last_and_removed_before_a_rewrite(tmp_path):
+    from opensloth.checkpoint import MARKER_FILE, is_complete
+
+    trainer = _Trainer(True)
+    add_checkpoint_marker(trainer)
+    (marker,) = trainer.callback_handler.callbacks
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True, world_size=2)
+    state, control = SimpleNamespace(global_step=3), SimpleNamespace(should_save=True)
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "optimizer.pt").write_text("x")
+    marker.on_save(args, state, control)
+    assert is_complete(folder) and json.loads((folder / MARKER_FILE).read_text())["world_size"] == 2
+    marker.on_step_end(args, state, control)  # step 3 is about to be saved again (resumed from an earlier one)
+    assert not is_complete(folder)
+    marker.on_step_end(args, SimpleNamespace(global_step=3), SimpleNamespace(should_save=False))
+    marker.on_save(SimpleNamespace(**{**vars(args), "should_save": False}), state, control)  # not rank 0
+    assert not is_complete(folder)
 
 
 def test_lora_settings_validate():

@@ -311,3 +311,25 @@ def test_loss_check_catches_margins_that_do_not_reproduce_the_loss():
     with pytest.raises(RuntimeError, match="do not reproduce"):
         check_loss_matches(loss, [0.5, -1.0, 2.0], 0.2, 1.0)  # a different beta
     check_loss_matches(torch.tensor(float("nan")), [float("nan")], 0.1, 1.0)  # non-finite: left to the controller
+
+
+def test_resume_forgets_the_records_of_steps_it_redoes(tmp_path):
+    """Resuming in the run dir of a run that got to step 5 from checkpoint-3: steps 4-5 are logged once, anew."""
+    runtime = _fake_runtime(tmp_path)
+    for step in range(5):
+        runtime.controller.observe_step([0.5, 1.0])
+        if step == 2:
+            runtime.save(str(tmp_path / "checkpoint-3"))
+    runtime.margins_log_path = str(tmp_path / "margins.jsonl")
+    with open(runtime.margins_log_path, "w") as fh:
+        for step in range(1, 6):
+            fh.write(json.dumps({"type": "step", "global_step": step}) + "\n")
+        fh.write("not json: kept as it is\n")
+    resumed = _fake_runtime(tmp_path)
+    resumed.margins_log_path = runtime.margins_log_path
+    resumed.load_checkpoint(str(tmp_path / "checkpoint-3"))
+    resumed.close()
+    lines = open(runtime.margins_log_path).read().splitlines()
+    assert [json.loads(line).get("global_step") for line in lines[:3]] == [1, 2, 3]
+    assert lines[3] == "not json: kept as it is"
+    assert json.loads(lines[4])["type"] == "resume" and json.loads(lines[4])["step"] == 3 and len(lines) == 5

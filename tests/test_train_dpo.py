@@ -1,12 +1,16 @@
-"""train_dpo.py end to end: 1 rank x accum 2 == 2 ranks x accum 1, and resume == uninterrupted.
+"""train_dpo.py end to end: 1 rank x accum 2 == 2 ranks x accum 1, and resume == uninterrupted on 1 and 2 ranks.
 
-Three launches of the real script (backend auto: Unsloth when installed),
+Four launches of the real script (backend auto: Unsloth when installed),
 float32, warmup 2 steps and a large alpha with the z-score rule so beta
 visibly moves within 6 steps:
 
 - ``one``: 1 process, per-device batch 4, grad_accum 2 (global batch 8), checkpoint every 3 steps;
 - ``two``: ``torchrun --nproc_per_node=2``, per-device batch 4, grad_accum 1 (global batch 8);
-- ``resumed``: 1 process resumed from ``one``'s checkpoint-3.
+- ``resumed``: 1 process resumed from ``one``'s checkpoint-3;
+- ``two`` again, 2 ranks, ``--resume_from_checkpoint last`` in its own run dir after
+  ``checkpoint-6`` lost its completion marker (as if the run died while writing it):
+  resumes from ``checkpoint-3`` and must rewrite steps 4-6 exactly, with one
+  margins record per step.
 
 Every rank also checks at every step that all ranks hold the same controller
 state (the run fails otherwise), so a finished 2-rank run means bit-identical
@@ -16,11 +20,15 @@ beta, tau and p_hat on both ranks.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from helpers import PREF_DATA, REPO, TINY_MODEL, clean_env, torchrun_cmd
+
+from opensloth.checkpoint import MARKER_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +68,24 @@ def runs(tmp_path_factory):
                        "--resume_from_checkpoint", str(out / "one_ws1" / "checkpoint-3")], 1, out / "resumed.log")
     _wait(two, out / "two.log")
     _wait(resumed, out / "resumed.log")
-    return {name: out / f"{name}_ws{ws}" for name, ws in (("one", 1), ("two", 2), ("resumed", 1))}
+    # `two` once more, as if it had died while writing checkpoint-6: `last` must skip that one.
+    first = out / "two_first"
+    first.mkdir()
+    for name in ("trainer_state.json", "logs/margins/margins.jsonl"):
+        shutil.copy(out / "two_ws2" / name, first / os.path.basename(name))
+    os.remove(out / "two_ws2" / "checkpoint-6" / MARKER_FILE)
+    again = _launch([*base, "--grad_accum", "1", "--experiment_name", "two", "--resume_from_checkpoint", "last"], 2,
+                    out / "two_again.log")
+    _wait(again, out / "two_again.log")
+    runs = {name: out / f"{name}_ws{ws}" for name, ws in (("one", 1), ("two", 2), ("resumed", 1))}
+    return {**runs, "two_first": first, "two_again_log": out / "two_again.log"}
 
 
 def _records(run_dir, kind="step"):
-    with open(run_dir / "logs" / "margins" / "margins.jsonl") as fh:
+    path = run_dir / "logs" / "margins" / "margins.jsonl"
+    if not path.exists():
+        path = run_dir / "margins.jsonl"  # the copy kept in two_first
+    with open(path) as fh:
         return [r for r in map(json.loads, fh) if r["type"] == kind]
 
 
@@ -120,3 +141,15 @@ def test_plot_margins_renders_a_png(runs, tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "plot_margins.py"), str(runs["resumed"]),
                     "--out", str(out)], check=True, cwd=REPO)
     assert out.stat().st_size > 10_000
+
+
+def test_two_ranks_resume_last_skips_the_incomplete_checkpoint_and_logs_each_step_once(runs):
+    """Losses, beta trajectory and margins log of the resumed 2-rank run equal the uninterrupted one."""
+    log = open(runs["two_again_log"]).read()
+    assert f"resuming from {runs['two'] / 'checkpoint-3'}" in log
+    assert "dropped 3 records of steps after 3" in log  # the first run's steps 4-6, redone now
+    before, after = _records(runs["two_first"]), _records(runs["two"])
+    assert [r["global_step"] for r in after] == list(range(1, 7))  # no duplicate step
+    _assert_same_trajectory(_trajectory(after), _trajectory(before), rel=0)
+    assert [r["step"] for r in _records(runs["two"], "resume")] == [3]
+    assert _losses(runs["two"]) == _losses(runs["two_first"])  # 2 ranks, dynamic beta: bit for bit

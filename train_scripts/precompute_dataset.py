@@ -21,6 +21,10 @@ keep their start and records left with nothing to learn from are dropped.
 Preference data becomes ``prompt_ids``/``chosen_ids``/``rejected_ids``,
 clamped so that long prompts are cut from the left and completions fit.
 
+Before the tokenizer loads, the model folder (tokenizer files), every record
+of the split (decoding, columns) and the output folder are checked; each
+problem is one ``error:`` line and exit code 2 (``--debug`` shows the traceback).
+
 Training loads it with ``opensloth.cache.load_prepared_dataset``, which
 refuses data made with another tokenizer or a longer length limit. Preference
 data goes through the same pipeline as ``train_dpo.py``
@@ -48,19 +52,21 @@ import time
 
 from opensloth.cache.key import compute_cache_key, dataset_fingerprint, tokenizer_fingerprint
 from opensloth.cache.store import inspect_prepared, library_versions, publish_prepared
+from opensloth.config import ArgumentParser
 from opensloth.data import (DatasetSourceError, load_preference_dataset, load_records, prepare_chat_dataset,
                             tokenize_preference_dataset)
 from opensloth.data.formats import PREFERENCE_FORMATS
 from opensloth.data.response_markers import DEFAULT_INSTRUCTION_PART, DEFAULT_RESPONSE_PART, mask_to_responses
-from opensloth.errors import UserInputError, run_cli
+from opensloth.errors import UserInputError, one_line, run_cli
 from opensloth.log import log_rank0, warn_rank0
+from opensloth.preflight import DataCheck, check_data, check_model_folder, check_model_source, check_output_dir
 
 # Formats that start from text (a prepared folder is already tokenized).
 TEXT_FORMATS = ("auto", *(name for name, spec in PREFERENCE_FORMATS.items() if not spec.tokenized))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="data/tiny-qwen3", help="model folder or hub id whose tokenizer to use")
     p.add_argument("--dataset", "--dataset_name", dest="dataset", default="data/sft",
                    help="file, folder or hub id (see opensloth.data.load_records); --dataset_name is the original's name")
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     legacy.add_argument("--dataset_name_suffix", default="", help="appended to the default folder name as _<suffix>")
     legacy.add_argument("--batch_size", type=int, default=None, help="accepted and unused (as in the original)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if an identical output already exists")
+    p.add_argument("--debug", action="store_true", help="print the Python traceback above an error line")
     return p
 
 
@@ -103,6 +110,26 @@ def original_folder_name(model_name: str, dataset: str, target_token_only: bool,
     """The folder name the original OpenSloth's precompute_dataset.py derived from its flags."""
     name = f"{model_name.replace('/', '_').replace('-', '_')}_{dataset.replace('/', '_')}"
     return f"{name}{'_target_only' if target_token_only else ''}{f'_{suffix}' if suffix else ''}_processed"
+def check_args(args) -> None:
+    """Everything that can be checked before the tokenizer loads (one UserInputError per problem)."""
+    if args.max_seq_length < 8:
+        raise UserInputError(f"--max_seq_length {args.max_seq_length} is too small; use at least 8")
+    if args.max_prompt_length is not None and not 1 <= args.max_prompt_length < args.max_seq_length:
+        raise UserInputError(f"--max_prompt_length {args.max_prompt_length} must be >= 1 and below --max_seq_length "
+                             f"{args.max_seq_length}")
+    for name in ("train_samples", "val_samples", "num_proc"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserInputError(f"--{name} {value} must be >= 1 (or left out)")
+    if not args.name.strip() or os.path.isabs(args.name) or ".." in args.name.split(os.sep):
+        raise UserInputError(f"--name {args.name!r} must be a folder name under --output_root {args.output_root!r}")
+    if args.format == "chat" and args.preference_format != "auto":
+        raise UserInputError("--preference_format is read only with --format preference")
+    if check_model_source(args.model_name) == "local":
+        check_model_folder(args.model_name, weights=False)  # only the tokenizer is loaded
+    kind = "chat" if args.format == "chat" else "preference"
+    check_data(DataCheck(args.dataset, args.train_split, kind, fmt=args.preference_format))
+    check_output_dir(os.path.join(args.output_root, args.name), None, flag="--output_root")
 
 
 def _limit(ds, n):
@@ -141,8 +168,6 @@ def tokenize_split(args, tokenizer, split: str, samples: int | None, label: str)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_seq_length < 8:
-        raise UserInputError(f"--max_seq_length {args.max_seq_length} is too small; use at least 8")
     if args.target_token_only and args.format != "chat":
         raise UserInputError("--target_token_only masks chat data; preference data trains on completions already")
     if args.batch_size is not None:
@@ -150,20 +175,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.name is None:
         args.name = original_folder_name(args.model_name, args.dataset, args.target_token_only, args.dataset_name_suffix)
         log_rank0(f"no --name: writing to {os.path.join(args.output_root, args.name)} (the original OpenSloth's name)")
+    check_args(args)
 
     from transformers import AutoTokenizer
 
     out_path = os.path.join(args.output_root, args.name)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name)
+    except OSError as exc:
+        raise UserInputError(f"could not load the tokenizer of --model_name {args.model_name!r}: {one_line(exc)}; "
+                             "pass a local model folder or a hub id in the Hugging Face cache") from exc
     start = time.perf_counter()
 
-    raw_train, train, train_reports = tokenize_split(args, tokenizer, args.train_split, args.train_samples, "train")
-    raw_val = val = None
-    val_reports = []
-    if args.val_split and _split_exists(args.dataset, args.val_split):
-        raw_val, val, val_reports = tokenize_split(args, tokenizer, args.val_split, args.val_samples, "val")
-    elif args.val_split:
-        log_rank0(f"{args.dataset} has no split {args.val_split!r}; writing train only")
+    try:
+        raw_train, train, train_reports = tokenize_split(args, tokenizer, args.train_split, args.train_samples,
+                                                         "train")
+        raw_val = val = None
+        val_reports = []
+        if args.val_split and _split_exists(args.dataset, args.val_split):
+            raw_val, val, val_reports = tokenize_split(args, tokenizer, args.val_split, args.val_samples, "val")
+        elif args.val_split:
+            log_rank0(f"{args.dataset} has no split {args.val_split!r}; writing train only")
+    except UserInputError:
+        raise
+    except ValueError as exc:  # the data functions' own checks (e.g. --assistant_only without markers)
+        raise UserInputError(one_line(exc)) from exc
 
     formatting = {
         "format": args.format,

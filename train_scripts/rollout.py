@@ -23,7 +23,7 @@ import os
 import sys
 
 # Light imports only: Unsloth must be imported before transformers, in setup_backend.
-from opensloth.config import add_config_flags, resolve
+from opensloth.config import ArgumentParser, add_config_flags, resolve
 from opensloth.errors import run_cli
 from opensloth.launch import BACKENDS, DTYPES, model_dtype_name, setup_backend
 from opensloth.log import log_rank0
@@ -35,7 +35,7 @@ from opensloth.rollout.traces import load_prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="model folder, LoRA adapter folder (its base is read from adapter_config.json) or hub id")
     p.add_argument("--prompts", required=True,

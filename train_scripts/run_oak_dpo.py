@@ -39,7 +39,7 @@ import time
 
 # Light imports only (none imports torch, transformers or TRL): Unsloth must come first, in setup_backend.
 from opensloth.atomic import write_json_atomic
-from opensloth.config import add_flags
+from opensloth.config import ArgumentParser, add_flags
 from opensloth.distributed import barrier
 from opensloth.errors import UserInputError, run_cli
 from opensloth.launch import model_dtype_name, resolve_backend, setup_backend
@@ -59,7 +59,7 @@ from opensloth.tasks import TASK_KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, required=True, help="number of rollout + DPO rounds (K)")
     p.add_argument("--config", default=None,
                    help="YAML: DPO keys at the top level, 'dynamic_beta:', 'rollout:', 'lora:' and 'oak:' sections")

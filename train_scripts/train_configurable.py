@@ -4,14 +4,22 @@
     torchrun --nproc_per_node=4 train_scripts/train_configurable.py --global_batch_size 16
     torchrun --nproc_per_node=2 train_scripts/train_configurable.py --config run.yaml --max_steps 50
     python train_scripts/train_configurable.py --no_patches                    # 1-process parity run
+    torchrun --nproc_per_node=2 train_scripts/train_configurable.py --save_steps 50 --resume_from_checkpoint last
     torchrun --nproc_per_node=2 train_scripts/train_configurable.py --task dpo # delegates to train_dpo.py
 
-Steps: flags (+ YAML) -> checks -> import Unsloth (first) -> ddp_patch() -> load
+Steps: flags (+ YAML) -> pre-flight (model files, data, checkpoint, output
+folder: opensloth.preflight) -> import Unsloth (first) -> ddp_patch() -> load
 model + LoRA -> load and format data -> SFTTrainer (one rank tokenizes, all
 reuse) -> train -> save adapter and trainer state to
 ``<output_dir>/<experiment_name>_ws<world_size>`` (``..._nopatches`` with
 ``--no_patches``). A run dir that already holds a run is refused unless the
 launch resumes it.
+
+``--resume_from_checkpoint last`` continues from the last complete checkpoint
+of the run dir (``--save_steps`` writes them); the resumed run reproduces the
+uninterrupted losses. ``--cache_builder local`` gives every node its own
+tokenized-data cache (node-local ``--cache_dir``). Errors are one line
+(``--debug`` shows the traceback); docs/reliability.md lists them.
 
 ``--config run.yaml`` takes the same keys as the flags (``max_steps: 50``,
 ``learning_rate: 2e-4``, ...); flags given on the command line win.
@@ -30,19 +38,21 @@ import sys
 
 # Light imports only (none imports torch, transformers or TRL): Unsloth must come first, in setup_run.
 from opensloth.cache import load_prepared_dataset, simple_cache_dataset_wrapper
-from opensloth.config import add_config_flags
-from opensloth.data.chat import load_chat_splits
+from opensloth.cache.wrapper import DATA_REPORT
+from opensloth.config import ArgumentParser, add_config_flags
+from opensloth.data.chat import load_chat_splits, truncation_message
 from opensloth.debug.dataloader_preview import debug_chat_dataloader_for_training
 from opensloth.errors import run_cli
 from opensloth.launch import LoraSettings, load_model_and_tokenizer, setup_run, train_and_save
-from opensloth.log import log_rank0
+from opensloth.log import log_rank0, warn_rank0
 from opensloth.patches import applied_patches
 from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
 from opensloth.sft import SECTIONS, build_sft_trainer, resolve_settings
+from opensloth.sft.run import data_checks
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("sft", "dpo"), default="sft",
                    help="sft (this script) or dpo (hands over to train_scripts/train_dpo.py)")
     add_config_flags(p, SECTIONS)  # --config, --model_name, --dataset, --max_steps, --no_patches, --cache_dir, ...
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    task_parser = argparse.ArgumentParser(add_help=False)
+    task_parser = ArgumentParser(add_help=False)
     task_parser.add_argument("--task", choices=("sft", "dpo"), default="sft")
     task, rest = task_parser.parse_known_args(argv)
     if task.task == "dpo":
@@ -60,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         return train_dpo.main(rest)
     settings = resolve_settings(build_parser().parse_args(rest))
 
-    # --- setup: checks, Unsloth first, then ddp_patch (device, process group, loss fix) ---
-    launch = setup_run(settings)
+    # --- setup: pre-flight (model files, data, checkpoint, output folder), Unsloth first, then ddp_patch ---
+    launch = setup_run(settings, data=data_checks(settings))
     if settings.use_patches and settings.no_patches:
         log_rank0("--use_patches and --no_patches both given: --no_patches wins, as in the original OpenSloth")
     if not settings.no_patches:
@@ -93,17 +103,21 @@ def main(argv: list[str] | None = None) -> None:
     if settings.cache_dir != "" and not settings.skip_prepare:  # None: the default cache folder
         # One rank tokenizes; the others (and later launches) load the result.
         factory = simple_cache_dataset_wrapper(
-            cache_dir=settings.cache_dir, max_seq_length=settings.max_seq_length, packing=False,
-            assistant_only_loss=settings.assistant_only_loss,
+            cache_dir=settings.cache_dir, builder=settings.cache_builder, max_seq_length=settings.max_seq_length,
+            packing=False, assistant_only_loss=settings.assistant_only_loss,
         )(build_sft_trainer)
     trainer = factory(model, tokenizer, train_ds, val_ds, launch.world_size, settings,
                       run_dir=launch.run_dir, per_device=launch.per_device, backend=launch.backend)
+    truncated = truncation_message(getattr(trainer, DATA_REPORT, None))
+    if truncated:
+        warn_rank0(truncated)
     log_rank0("applied patches:\n  " + "\n  ".join(str(p) for p in applied_patches()))
     if settings.debug_dataloader and launch.env.is_main:
         log_rank0(f"dataloader preview: {debug_chat_dataloader_for_training(trainer, tokenizer)}")
 
     # --- train and save ---
-    elapsed = train_and_save(trainer, model, tokenizer, launch.run_dir)
+    elapsed = train_and_save(trainer, model, tokenizer, launch.run_dir,
+                             resume_from_checkpoint=launch.resume_from_checkpoint)
     log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s; adapter saved to {launch.run_dir}")
 
 

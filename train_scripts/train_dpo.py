@@ -5,12 +5,14 @@
     torchrun --nproc_per_node=2 train_scripts/train_dpo.py --beta_mode fixed --beta 0.1
     python train_scripts/train_dpo.py --max_steps 8 --dynamic_beta.warmup_steps 2 --dynamic_beta.alpha 0.5
     python train_scripts/train_dpo.py --resume_from_checkpoint outputs/dpo_ws1/checkpoint-4
+    torchrun --nproc_per_node=2 train_scripts/train_dpo.py --save_steps 50 --resume_from_checkpoint last
     python train_scripts/train_configurable.py --task dpo ...                  # same script, via the SFT entry point
     python train_scripts/train_dpo.py --full_finetune --ref_model M            # every weight, frozen reference M
     python train_scripts/train_dpo.py --config their/config_dpo.yaml           # a dynamic-DPO repository's config
 
 Steps: flags (+ YAML; a dynamic-DPO repository's config is translated) ->
-import Unsloth (first) -> ddp_patch() -> load model + LoRA (or every weight
+pre-flight (model files, data, checkpoint, output folder: opensloth.preflight)
+-> import Unsloth (first) -> ddp_patch() -> load model + LoRA (or every weight
 with --full_finetune, plus a separate frozen reference model) -> load
 preference pairs -> DPOTrainer (patched for dynamic beta) -> train -> save
 adapter (or model), trainer state and controller state to
@@ -31,12 +33,12 @@ import os
 import sys
 
 # Light imports only (none imports torch, transformers or TRL): Unsloth must come first, in setup_run.
-from opensloth.config import add_config_flags
+from opensloth.config import ArgumentParser, add_config_flags
 from opensloth.data.preference import load_preference_splits
 from opensloth.dpo.collator import count_prompt_truncations
 from opensloth.dpo.lora_reference import parameter_report, use_base_model_as_reference
-from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, dpo_trainer_class, make_dpo_config,
-                               reference_model_source, resolve_settings, write_settings)
+from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, data_checks, dpo_trainer_class, make_dpo_config,
+                               reference_model_source, resolve_settings, resume_files, write_settings)
 from opensloth.errors import run_cli
 from opensloth.launch import (LoraSettings, load_frozen_model, load_model_and_tokenizer, model_dtype_name, setup_run,
                               train_and_save)
@@ -45,7 +47,7 @@ from opensloth.patches import applied_patches
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --config, then --model_name, --dataset, --max_steps, --beta_mode, ... and --dynamic_beta.alpha, ...
     add_config_flags(p, SECTIONS, config_help="YAML file with these settings (dynamic-beta keys under "
                                               "'dynamic_beta:'); flags override it")
@@ -56,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     settings, dynamic_cfg = resolve_settings(build_parser().parse_args(argv))
     dynamic = settings.beta_mode == "dynamic"
 
-    # --- setup: checks, Unsloth first, then ddp_patch (device, process group, loss fix) ---
-    launch = setup_run(settings, unit="pairs")
+    # --- setup: pre-flight (model files, data, checkpoint, output folder), Unsloth first, then ddp_patch ---
+    launch = setup_run(settings, unit="pairs", data=data_checks(settings), resume_files=resume_files(settings),
+                       lora=None if settings.full_finetune else LoraSettings())
     log_rank0(f"beta_mode={settings.beta_mode}")
 
     # --- model ---
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- train and save (adapter, tokenizer, trainer state, controller state) ---
     elapsed = train_and_save(trainer, model, tokenizer, launch.run_dir,
-                             resume_from_checkpoint=settings.resume_from_checkpoint,
+                             resume_from_checkpoint=launch.resume_from_checkpoint,
                              save_extra=runtime.save if runtime is not None else None)
     beta_note = f"; final beta {runtime.beta:.6g}" if runtime is not None else ""
     log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s{beta_note}; "

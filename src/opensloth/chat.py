@@ -21,6 +21,7 @@ import json
 import os
 import sys
 
+from opensloth.config import ArgumentParser
 from opensloth.errors import UserInputError, run_cli
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -110,7 +111,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m opensloth.chat", description=__doc__,
+    p = ArgumentParser(prog="python -m opensloth.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="LoRA run directory, merged model folder, or base model")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder to put on top of --model")

@@ -39,9 +39,10 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from opensloth.errors import UserInputError
+from opensloth.errors import UserInputError, same_on_every_rank
 
 __all__ = [
+    "ArgumentParser",
     "Section",
     "add_config_flags",
     "add_flags",
@@ -202,6 +203,27 @@ def build(cls, values: Mapping[str, Any], where: str):
 # --------------------------------------------------------------------------- flags
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line: a bad flag raises :class:`UserInputError`.
+
+    Abbreviated flags are refused (``allow_abbrev=False``): a typo must not
+    silently set a neighbouring flag.
+
+    argparse itself prints the usage and the error (two lines) and exits;
+    here the error reaches :func:`opensloth.errors.run_cli`, which prints one
+    line (on rank 0 only under torchrun: every rank parses the same flags).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a mistyped --max_seq_len must not pass for --max_seq_length
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        exc = UserInputError(f"{message} (see {self.prog} --help)")
+        exc.every_rank = True
+        raise exc
+
+
 def _dest(prefix: str, name: str) -> str:
     return prefix.replace(".", "__") + name
 
@@ -308,6 +330,8 @@ def add_config_flags(parser, sections: Sequence[Section], *, config_help: str | 
     default_help = "YAML file with these settings" + (
         f" (sections: {', '.join(n + ':' for n in named)})" if named else "") + "; flags override it"
     parser.add_argument("--config", default=None, help=(config_help or default_help).replace("%", "%%"))
+    parser.add_argument("--debug", action="store_true", default=_NOT_GIVEN,
+                        help="print the Python traceback above an error line (same as OPENSLOTH_DEBUG=1)")
     for section in sections:
         add_flags(parser, section.cls, section.prefix, section.aliases)
 
@@ -376,11 +400,14 @@ def resolve(given, sections: Sequence[Section], *, config_path: str | None = Non
     ``yaml_values`` replaces reading it (see :func:`section_values`).
 
     Raises:
-        UserInputError: see :func:`section_values` and :func:`build`.
+        UserInputError: see :func:`section_values` and :func:`build`; marked
+            as raised by every rank alike (the same flags and file on each).
     """
     values = vars(given) if isinstance(given, argparse.Namespace) else dict(given)
     path = config_path if config_path is not None else values.get("config")
     where = path or "the command line"
-    merged = section_values(path, values, sections, ignore_other_keys=ignore_other_keys, yaml_values=yaml_values)
-    return [build(s.cls, v, where if s.name is None else f"'{s.name}:' of {where}")
-            for s, v in zip(sections, merged)]
+    with same_on_every_rank():
+        merged = section_values(path, values, sections, ignore_other_keys=ignore_other_keys,
+                                yaml_values=yaml_values)
+        return [build(s.cls, v, where if s.name is None else f"'{s.name}:' of {where}")
+                for s, v in zip(sections, merged)]

@@ -26,6 +26,7 @@ __all__ = [
     "distributed_env",
     "ensure_process_group",
     "gather_checked",
+    "launcher_problem",
     "preferred_backend",
     "SHARE_DEVICE_ENV",
     "share_device_requested",
@@ -146,6 +147,26 @@ def distributed_env(env: dict | None = None) -> DistEnv:
             f"(WORLD_SIZE={world_size})"
         )
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size)
+
+
+def launcher_problem(env: dict | None = None) -> str | None:
+    """Why this process is alone although its launcher was asked for several, or None.
+
+    ``accelerate launch --num_processes N`` without ``--multi_gpu`` (and without
+    several GPUs that make accelerate switch it on) runs its simple launcher:
+    ONE process, with ``MASTER_ADDR``/``MASTER_PORT`` set for N but no
+    ``WORLD_SIZE``/``RANK``. Training would silently run on one rank. Seen with
+    accelerate 1.x: the simple launcher sets ``MASTER_ADDR`` only when asked for
+    more than one process or machine, and every ``accelerate launch`` sets
+    ``ACCELERATE_DYNAMO_BACKEND``.
+    """
+    env = os.environ if env is None else env
+    if env.get("WORLD_SIZE") or not env.get("MASTER_ADDR") or "ACCELERATE_DYNAMO_BACKEND" not in env:
+        return None
+    return ("accelerate launch was asked for several processes (it set MASTER_ADDR) but started only this one: "
+            "without --multi_gpu its simple launcher runs one process unless the machine has several GPUs. Use "
+            "'accelerate launch --multi_gpu --num_processes N script.py' (on CPU too) or 'torchrun "
+            "--nproc_per_node N script.py'; for a single process, unset MASTER_ADDR")
 
 
 # The original OpenSloth's name (user scripts import it); same function. Its result unpacks as

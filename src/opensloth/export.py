@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 
+from opensloth.config import ArgumentParser
 from opensloth.errors import UserInputError, run_cli
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32", "fp8", "auto")
@@ -276,7 +277,7 @@ def _reload_diff(folder: str, probe, reference, dtype: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m opensloth.export", description=__doc__,
+    p = ArgumentParser(prog="python -m opensloth.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="LoRA adapter folder (a run directory such as outputs/sft_ws2)")
     p.add_argument("out_dir", help="folder to write the merged model to (must not exist unless --overwrite)")

@@ -3,10 +3,11 @@
 The scripts under ``train_scripts/`` read top to bottom and call these
 helpers, in this order::
 
-    launch = setup_run(settings)                     # checks, Unsloth first, ddp_patch(), run dir
+    launch = setup_run(settings, data=...)           # checks, pre-flight, Unsloth first, ddp_patch(), run dir
     model, tokenizer = load_model_and_tokenizer(...) # base model + LoRA, same seed on every rank
     config = SFTConfig(**training_args_kwargs(...), ...)   # or DPOConfig: one builder for both
-    train_and_save(trainer, model, tokenizer, launch.run_dir)
+    train_and_save(trainer, model, tokenizer, launch.run_dir,
+                   resume_from_checkpoint=launch.resume_from_checkpoint)   # complete checkpoints only
 
 Nothing runs at import time and nothing heavy is imported until a function
 needs it (Unsloth must be imported before transformers and TRL).
@@ -14,18 +15,23 @@ needs it (Unsloth must be imported before transformers and TRL).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.util
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from opensloth.checkpoint import MARKER_FILE, checkpoint_dir, is_complete, remove_marker, resolve_resume, write_marker
 from opensloth.config import setting
-from opensloth.distributed import DistEnv, barrier, distributed_env
-from opensloth.errors import UserInputError
-from opensloth.log import log_rank0
+from opensloth.distributed import DistEnv, barrier, distributed_env, launcher_problem
+from opensloth.errors import UserInputError, same_on_every_rank
+from opensloth.log import log_rank0, warn_rank0
 from opensloth.patches.ddp import ddp_patch
+from opensloth.preflight import DataCheck, Plan, check_model_source, human_bytes, run_preflight, share_verdict
 
 DEFAULT_MODEL = "data/tiny-qwen3"
 DEFAULT_SFT_DATASET = "data/sft"
@@ -252,30 +258,6 @@ def claim_run_dir(output_dir: str, experiment_name: str, world_size: int, *, no_
     )
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
-def check_model_source(model_name: str) -> str:
-    """Validate ``--model_name``: an existing local folder, or a hub id.
-
-    Returns ``"local"`` or ``"hub"``; raises UserInputError for a missing local path.
-    """
-    if os.path.isdir(model_name):
-        if not os.path.exists(os.path.join(model_name, "config.json")):
-            raise UserInputError(
-                f"--model_name {model_name!r} is a folder without config.json; pass a folder written by "
-                "save_pretrained (e.g. data/tiny-qwen3) or a hub id"
-            )
-        return "local"
-    if _looks_like_path(model_name) or os.path.isfile(model_name):
-        raise UserInputError(
-            f"--model_name {model_name!r} does not exist; pass a local model folder (e.g. data/tiny-qwen3) "
-            "or a hub id like Qwen/Qwen3-0.6B"
-        )
-    return "hub"
-
-
 def torch_dtype(name: str, backend: str):
     import torch
 
@@ -370,6 +352,11 @@ def load_model_and_tokenizer(
             "folders and models already in the Hugging Face cache load; pass a local folder such as "
             "data/tiny-qwen3"
         ) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # safetensors' own error type (a corrupt file)
+            raise
+        raise UserInputError(f"could not read the weights of --model_name {model_name!r}: {exc}; download or copy "
+                             "the model again") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     log_rank0(
@@ -422,6 +409,8 @@ class Launch:
             :func:`claim_run_dir`).
         per_device: samples (or pairs) per micro-batch per rank (training runs only).
         fsdp: the model is sharded with FSDP2 (:func:`check_fsdp`).
+        resume_from_checkpoint: the checkpoint folder to resume from (``last``
+            resolved by global rank 0 during the pre-flight), or None.
     """
 
     env: DistEnv
@@ -430,6 +419,7 @@ class Launch:
     run_dir: str | None = None
     per_device: int | None = None
     fsdp: bool = False
+    resume_from_checkpoint: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -450,41 +440,76 @@ def setup_backend(backend: str = "auto") -> Launch:
     return Launch(env=env, backend=backend, device=device)
 
 
-def setup_run(settings, unit: str = "samples") -> Launch:
-    """:func:`setup_backend` for a training run, after the cheap checks of its settings.
+def setup_run(settings, unit: str = "samples", *, data: Sequence[DataCheck] = (),
+              resume_files: Sequence[str] = (), lora: LoraSettings | None = LoraSettings()) -> Launch:
+    """:func:`setup_backend` for a training run, between the checks that need no model.
 
     ``settings`` has ``model_name``, ``backend``, ``per_device_batch_size``,
-    ``global_batch_size``, ``grad_accum``, ``output_dir`` and
-    ``experiment_name`` (:class:`opensloth.sft.SFTSettings`,
-    :class:`opensloth.dpo.DPORunSettings`). The model path and the batch
-    arithmetic are checked first, and the run dir is claimed
-    (:func:`claim_run_dir`), so a run that cannot start fails in a second,
-    before Unsloth and torch are imported.
+    ``global_batch_size``, ``grad_accum``, ``output_dir``, ``experiment_name``
+    and optionally ``resume_from_checkpoint``, ``no_patches`` and ``fsdp``
+    (:class:`opensloth.sft.SFTSettings`, :class:`opensloth.dpo.DPORunSettings`).
+    ``data`` lists the splits the run reads, ``resume_files`` what a checkpoint
+    must hold besides the Trainer's files, ``lora`` the adapter (None: full
+    fine-tune) for the checkpoint size.
+
+    Order: the launcher, the model path, the batch arithmetic, the FSDP checks
+    and the run dir (:func:`claim_run_dir`) on every rank (a second, nothing
+    imported); the pre-flight of :mod:`opensloth.preflight` (model files, data,
+    checkpoint, output folder) on local rank 0 of each node, still before
+    Unsloth and torch are imported; then Unsloth, ``ddp_patch()`` and the
+    process group, over which the verdict is shared so that every rank stops
+    on the same error (printed once, by rank 0).
+
+    Raises:
+        UserInputError: marked ``every_rank``; the first problem found.
     """
     env = distributed_env()
-    check_model_source(settings.model_name)
-    backend = resolve_backend(settings.backend)
-    per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
-                                          settings.grad_accum, env.world_size)
-    fsdp = check_fsdp(settings, env, backend)
-    # Before the process group exists: no rank has written to the run dir yet, so all ranks agree.
-    run_dir = claim_run_dir(settings.output_dir, settings.experiment_name, env.world_size,
-                            no_patches=getattr(settings, "no_patches", False),
-                            resume_from_checkpoint=getattr(settings, "resume_from_checkpoint", None))
+    with same_on_every_rank():
+        problem = launcher_problem()
+        if problem:
+            raise UserInputError(problem)
+        check_model_source(settings.model_name)
+        backend = resolve_backend(settings.backend)
+        per_device = resolve_per_device_batch(settings.per_device_batch_size, settings.global_batch_size,
+                                              settings.grad_accum, env.world_size)
+        fsdp = check_fsdp(settings, env, backend)
+        # Before the process group exists: no rank has written to the run dir yet, so all ranks agree.
+        run_dir = claim_run_dir(settings.output_dir, settings.experiment_name, env.world_size,
+                                no_patches=getattr(settings, "no_patches", False),
+                                resume_from_checkpoint=getattr(settings, "resume_from_checkpoint", None))
+    plan = Plan(model_name=settings.model_name, run_dir=run_dir, data=tuple(data),
+                resume_from_checkpoint=getattr(settings, "resume_from_checkpoint", None),
+                resume_files=tuple(resume_files), lora_r=lora.r if lora is not None else None,
+                lora_targets=tuple(lora.target_modules) if lora is not None else ())
+    verdict = error = None
+    if env.is_local_main:
+        try:
+            verdict = run_preflight(plan)
+        except UserInputError as exc:
+            if not env.is_distributed:
+                exc.every_rank = True
+                raise
+            error = exc  # raised on every rank below, once they can talk
     launch = setup_backend(settings.backend)
-    if fsdp and launch.backend == "hf" and launch.device.type == "cpu":
-        raise UserInputError("--fsdp --backend hf uses the Trainer's FSDP2 (accelerate), which does not run on a CPU "
-                             "launch (accelerate would train plain DDP); on CPU use --backend unsloth (Unsloth's "
-                             "native FSDP2 shards on a gloo mesh), on GPUs keep --backend hf")
+    with same_on_every_rank():
+        if fsdp and launch.backend == "hf" and launch.device.type == "cpu":
+            raise UserInputError("--fsdp --backend hf uses the Trainer's FSDP2 (accelerate), which does not run on a "
+                                 "CPU launch (accelerate would train plain DDP); on CPU use --backend unsloth "
+                                 "(Unsloth's native FSDP2 shards on a gloo mesh), on GPUs keep --backend hf")
+    verdict = share_verdict(env, verdict, error)
+    for note in verdict.notes:
+        warn_rank0(note)
+    resume = verdict.resume_from_checkpoint
     if fsdp:
         log_rank0(f"FSDP2: {'Unsloth native (UNSLOTH_FSDP2=1)' if launch.backend == 'unsloth' else 'the Trainer'}"
                   f" shards the model over {env.world_size} ranks")
     log_rank0(
         f"effective global batch = {per_device} {unit} per device x {settings.grad_accum} accum x "
         f"{env.world_size} rank(s) = {per_device * settings.grad_accum * env.world_size}; run dir {run_dir}"
+        + (f"; resuming from {resume}" if resume else "")
     )
     return Launch(env=env, backend=launch.backend, device=launch.device, run_dir=run_dir, per_device=per_device,
-                  fsdp=fsdp)
+                  fsdp=fsdp, resume_from_checkpoint=resume)
 
 
 # --------------------------------------------------------------------------- trainer arguments, train, save
@@ -536,6 +561,67 @@ def training_args_kwargs(settings, *, run_dir: str, per_device: int, world_size:
     ) | fsdp_trainer_kwargs(settings, backend)
 
 
+def add_checkpoint_marker(trainer) -> None:
+    """Make every checkpoint of ``trainer`` carry :data:`opensloth.checkpoint.MARKER_FILE`, written last.
+
+    The callback goes last in the list (after the dynamic-beta state is
+    written); its ``on_save`` waits for every rank (each writes its RNG state)
+    before global rank 0 writes the marker atomically. Before a step's
+    checkpoint is written (again), its old marker is removed.
+    """
+    from transformers import TrainerCallback
+
+    class CheckpointMarker(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save and args.should_save:
+                remove_marker(checkpoint_dir(args.output_dir, state.global_step))
+
+        def on_save(self, args, state, control, **kwargs):
+            barrier()
+            if args.should_save:
+                write_marker(checkpoint_dir(args.output_dir, state.global_step), state.global_step, args.world_size)
+
+    for callback in list(trainer.callback_handler.callbacks):
+        if type(callback).__name__ == CheckpointMarker.__name__:
+            trainer.remove_callback(callback)
+    trainer.add_callback(CheckpointMarker())
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS)
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """The reason when ``exc`` means a file could not be written (full disk, quota, read-only), else None."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter failed" in text):
+        return " ".join(text.split())[:200]  # torch.save's zip writer on a full disk
+    return None
+
+
+@contextlib.contextmanager
+def _writes_reported(trainer, run_dir: str):
+    """Turn a failed checkpoint / adapter write into one line that says how to go on."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        step = trainer.state.global_step
+        folder = checkpoint_dir(run_dir, step)
+        where = folder if os.path.isdir(folder) and not is_complete(folder) else run_dir
+        try:
+            free = f"; {human_bytes(shutil.disk_usage(where).free)} free there"
+        except OSError:
+            free = ""
+        raise UserInputError(
+            f"could not write {where} at step {step} ({reason}{free}). A checkpoint cut short has no {MARKER_FILE}, "
+            "so '--resume_from_checkpoint last' skips it: free space, then rerun with --resume_from_checkpoint last"
+        ) from exc
+
+
 def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_checkpoint=None,
                    save_extra: Callable[[str], Any] | None = None) -> float:
     """Train, save the trainer state, and on rank 0 the adapter, the tokenizer and any side files.
@@ -544,28 +630,37 @@ def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_check
         trainer: a built trainer.
         model, tokenizer: what ``save_pretrained`` writes to ``run_dir``
             (the PEFT model: only the adapter is saved).
-        resume_from_checkpoint: a checkpoint folder, ``"last"`` (the newest in
-            the run dir) or None.
+        resume_from_checkpoint: a checkpoint folder, ``"last"`` (the last
+            complete checkpoint of the run dir; see :mod:`opensloth.checkpoint`)
+            or None. The scripts pass the folder the pre-flight resolved.
         save_extra: called with ``run_dir`` on rank 0 after the adapter is
             saved (e.g. the dynamic-beta controller state).
 
     Returns:
         The seconds ``trainer.train`` took.
+
+    Raises:
+        UserInputError: the checkpoint is missing or incomplete, or a checkpoint
+            or the adapter could not be written (full disk, read-only folder).
     """
-    resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.perf_counter() - start
-    trainer.save_state()
-    sharded = model_is_sharded(getattr(trainer, "model", model))
-    if sharded:  # FSDP2: gathering the full weights is a collective; the Trainer's save_model does it (rank 0 writes)
-        trainer.save_model(run_dir)
-    if trainer.is_world_process_zero():
-        if not sharded:
-            model.save_pretrained(run_dir)
-        tokenizer.save_pretrained(run_dir)
-        if save_extra is not None:
-            save_extra(run_dir)
+    resume, note = resolve_resume(resume_from_checkpoint, run_dir)
+    if note:
+        warn_rank0(note)
+    add_checkpoint_marker(trainer)
+    with _writes_reported(trainer, run_dir):
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        elapsed = time.perf_counter() - start
+        trainer.save_state()
+        sharded = model_is_sharded(getattr(trainer, "model", model))
+        if sharded:  # FSDP2: gathering the full weights is a collective; the Trainer's save_model does it
+            trainer.save_model(run_dir)
+        if trainer.is_world_process_zero():
+            if not sharded:
+                model.save_pretrained(run_dir)
+            tokenizer.save_pretrained(run_dir)
+            if save_extra is not None:
+                save_extra(run_dir)
     barrier()  # no rank moves on (merges, evaluates, exits) before rank 0 has written the adapter
     return elapsed
 

@@ -25,7 +25,8 @@ from typing import Callable, Mapping
 from opensloth.atomic import write_json_atomic
 from opensloth.cache.key import diff_key_parts
 from opensloth.cache.store import READY_FILE, VERIFY_MODES, inspect_prepared, pid_alive
-from opensloth.distributed import DistEnv, all_gather_object_list, ensure_process_group
+from opensloth.distributed import DistEnv, all_gather_object_list, barrier, ensure_process_group
+from opensloth.errors import EXIT_USER, ReportedError
 from opensloth.log import log_all_ranks
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "CacheBuildFailedError",
     "CacheBuilderDiedError",
     "CacheLaunch",
+    "CacheNotSharedError",
     "CacheWaitTimeout",
     "DatasetCacheConfig",
     "DatasetCacheError",
@@ -46,6 +48,7 @@ __all__ = [
     "marker_path",
     "read_marker",
     "remove_file",
+    "require_shared_cache_dir",
     "setup_launch",
     "wait_for_prepared",
     "write_marker",
@@ -57,8 +60,9 @@ SYNC_MODES = ("auto", "barrier", "file")
 _CLOCK_SKEW_S = 5.0
 
 
-class DatasetCacheError(RuntimeError):
-    """Base class of the dataset-cache errors."""
+class DatasetCacheError(ReportedError, RuntimeError):
+    """Base class of the dataset-cache errors; each message names the cache and what to do, so scripts
+    print it as one line (exit code 1: the run failed; see :func:`opensloth.errors.run_cli`)."""
 
 
 class CacheWaitTimeout(DatasetCacheError):
@@ -73,8 +77,16 @@ class CacheBuilderDiedError(DatasetCacheError):
     """The builder process disappeared (killed) while building the cache."""
 
 
+class CacheNotSharedError(DatasetCacheError):
+    """``builder="global"`` but some hosts do not see the cache folder of global rank 0."""
+
+    exit_code = EXIT_USER
+
+
 class DatasetCacheMismatchError(DatasetCacheError):
     """Ranks disagree on the cache key, or the trainer's data options differ from the cached ones."""
+
+    exit_code = EXIT_USER
 
 
 CACHE_DIR_ENV = "OPENSLOTH_CACHE_DIR"
@@ -247,6 +259,7 @@ class CacheLaunch:
     launch_id: str | None
     host: str
     started: float
+    hosts: list[str] = field(default_factory=list)  # host of every rank (known with a process group)
 
 
 def setup_launch(env: DistEnv, cfg: DatasetCacheConfig) -> CacheLaunch:
@@ -274,6 +287,7 @@ def agree_on_key(launch: CacheLaunch, key: str, parts: dict) -> None:
     mine = {"key": key, "parts": parts, "launch_id": uuid.uuid4().hex, "host": launch.host}
     gathered = all_gather_object_list(mine)
     launch.launch_id = gathered[0]["launch_id"]
+    launch.hosts = [item["host"] for item in gathered]
     reference = gathered[0]
     bad = [rank for rank, item in enumerate(gathered) if item["key"] != reference["key"]]
     if bad:
@@ -283,6 +297,43 @@ def agree_on_key(launch: CacheLaunch, key: str, parts: dict) -> None:
             f"{reference['key']}); they differ in {differs}. Every rank must load the same data, tokenizer and "
             f"cache_key_params."
         )
+
+
+def require_shared_cache_dir(launch: CacheLaunch, cfg: DatasetCacheConfig, cache_dir: str) -> None:
+    """With ``builder="global"`` on several hosts, check at once that every rank sees global rank 0's folder.
+
+    Otherwise the other nodes would poll for a cache they cannot see until
+    ``timeout_minutes`` (30 by default). Global rank 0 writes a probe file,
+    every rank looks for it (two barriers and one gather, only when the ranks
+    span several hosts). A rank that does not see it at once keeps looking
+    for up to ``heartbeat_timeout_s`` (a network filesystem may cache the
+    directory listing for a while) before it is counted as blind.
+
+    Raises:
+        CacheNotSharedError: on every rank, naming the hosts that do not see it.
+    """
+    if not launch.use_group or cfg.builder != "global" or len(set(launch.hosts)) < 2:
+        return
+    probe = os.path.join(cache_dir, f".probe-{launch.launch_id}.json")
+    if launch.env.rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        write_marker(probe, {"host": launch.host, "launch_id": launch.launch_id})
+    barrier()
+    deadline = time.monotonic() + min(cfg.heartbeat_timeout_s, cfg.timeout_s)
+    while not os.path.exists(probe) and time.monotonic() < deadline:
+        time.sleep(cfg.poll_interval_s)
+    seen = all_gather_object_list(os.path.exists(probe))
+    barrier()
+    if launch.env.rank == 0:
+        remove_file(probe)
+    blind = sorted({launch.hosts[rank] for rank, ok in enumerate(seen) if not ok})
+    if blind:
+        exc = CacheNotSharedError(
+            f"--cache_dir {cache_dir} is not shared: {', '.join(blind)} cannot see what global rank 0 on "
+            f"{launch.hosts[0]} writes there, so they would wait for a cache they never see. Pass --cache_builder "
+            "local (each node tokenizes into its own folder) or put --cache_dir on a filesystem every node mounts")
+        exc.every_rank = True
+        raise exc
 
 
 def is_builder(env: DistEnv, cfg: DatasetCacheConfig) -> bool:

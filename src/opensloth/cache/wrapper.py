@@ -62,6 +62,7 @@ from opensloth.cache.coordination import (
     is_builder,
     marker_path,
     remove_file,
+    require_shared_cache_dir,
     setup_launch,
     wait_for_prepared,
     write_marker,
@@ -80,7 +81,11 @@ from opensloth.distributed import barrier, distributed_env
 from opensloth.log import log_all_ranks, log_rank0, warn_rank0
 from opensloth.patches.prepare_alone import prepare_alone
 
-__all__ = ["cache_dataset_wrapper", "simple_cache_dataset_wrapper", "sft_dataset_kwargs"]
+__all__ = ["DATA_REPORT", "cache_dataset_wrapper", "simple_cache_dataset_wrapper", "sft_dataset_kwargs"]
+
+# A trainer attribute (a JSON-able dict) the factory may set on the raw data; the cache stores it in
+# cache_metadata.json and sets it again on every trainer built from the cache.
+DATA_REPORT = "opensloth_data_report"
 
 
 def sft_dataset_kwargs(train_dataset) -> dict | None:
@@ -161,6 +166,8 @@ def _build_and_publish(factory, call_args, call_kwargs, path, key, parts, cfg, l
                 "build_seconds": round(build_s, 3),
                 "build_cpu_seconds": round(build_cpu_s, 3),
                 "created_by": {"rank": launch.env.rank, "world_size": launch.env.world_size},
+                # What the factory found in the raw data (e.g. conversations it cut), for later launches.
+                DATA_REPORT: getattr(trainer, DATA_REPORT, None),
             }
             written = publish_prepared(
                 path, {"train": trainer.train_dataset, "val": trainer.eval_dataset}, metadata, cfg.verify
@@ -214,6 +221,8 @@ def _run_factory_on_cache(factory, call_args, call_kwargs, path, metadata, alone
     with prepare_alone(alone):
         trainer = factory(model, tokenizer, train, val, world_size, *call_args[5:], **call_kwargs)
     _check_prepare_args(trainer, metadata, path)
+    if metadata.get(DATA_REPORT) is not None:
+        setattr(trainer, DATA_REPORT, metadata[DATA_REPORT])
     if getattr(trainer, "train_dataset", None) is not train or getattr(trainer, "eval_dataset", None) is not val:
         # The factory let the trainer prepare the cached data again. Nothing is re-tokenized
         # (the rows carry input_ids), but a shuffle would give this rank another order than
@@ -244,6 +253,7 @@ def _cached_trainer(factory, cfg: DatasetCacheConfig, cache_key_params: dict, ca
     parts = cache_key_parts(train_dataset, val_dataset, tokenizer, max_seq_length, cache_key_params)
     key = compute_cache_key(parts)
     agree_on_key(launch, key, parts)
+    require_shared_cache_dir(launch, cfg, os.path.abspath(cfg.cache_dir))
     path = os.path.join(os.path.abspath(cfg.cache_dir), key)
     log_rank0(f"dataset cache key {key} ({time.perf_counter() - t0:.2f}s to fingerprint); cache {path}")
     alone = launch.use_group  # only a process group can make main_process_first wait

@@ -45,8 +45,11 @@ _TRUNC = "_opensloth_truncated"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 __all__ = [
+    "CHAT_COLUMNS",
     "IGNORE_INDEX",
+    "chat_columns_problem",
     "chat_record_problem",
+    "count_truncated",
     "format_chat_dataset",
     "load_chat_splits",
     "prepare_chat_dataset",
@@ -54,7 +57,20 @@ __all__ = [
     "sharegpt_to_messages",
     "tokenize_messages",
     "truncate_keep_start",
+    "truncation_message",
 ]
+
+
+# The columns SFT trains on, in order of preference: chat turns, ShareGPT turns, or formatted text.
+CHAT_COLUMNS = ("messages", "conversations", "text")
+
+
+def chat_columns_problem(column_names) -> str | None:
+    """Why a dataset with these columns cannot be SFT chat data, or None."""
+    if any(c in column_names for c in CHAT_COLUMNS):
+        return None
+    return ("SFT needs a 'messages' column (chat turns, trl-lib/Capybara format), 'conversations' (ShareGPT) or "
+            "'text' (already formatted)")
 
 
 def sharegpt_to_messages(conversations: Sequence[dict]) -> list[dict]:
@@ -287,17 +303,15 @@ def select_chat_columns(ds, source: str):
     append EOS doubles it) and allows ``assistant_only_loss``.
     """
     cols = ds.column_names
+    problem = chat_columns_problem(cols)
+    if problem:
+        raise UserInputError(f"dataset {source!r} has columns {cols}; {problem}")
     if "messages" in cols:
         return ds.select_columns(["messages"])
     if "conversations" in cols:
         return ds.map(lambda ex: {"messages": sharegpt_to_messages(ex["conversations"])},
                       remove_columns=cols, desc="ShareGPT -> messages")
-    if "text" in cols:
-        return ds.select_columns(["text"])
-    raise UserInputError(
-        f"dataset {source!r} has columns {cols}; expected 'messages' (chat turns, trl-lib/Capybara format), "
-        "'conversations' (ShareGPT) or 'text' (already formatted)"
-    )
+    return ds.select_columns(["text"])
 
 
 def load_chat_splits(
@@ -324,3 +338,38 @@ def load_chat_splits(
         val = load_records(dataset, test_split)
         val = select_chat_columns(val.select(range(min(test_samples, len(val)))), dataset)
     return train, val
+
+
+def count_truncated(ds, tokenizer, max_seq_length: int, batch_size: int = 512) -> dict:
+    """How many SFT records are longer than ``max_seq_length`` tokens (the trainer keeps their start only).
+
+    ``ds`` has a ``messages`` (chat template applied, as TRL does) or a
+    ``text`` column. Tokenizes every record once, in batches. Returns
+    ``{"records", "truncated", "longest", "max_seq_length"}``.
+    """
+    column = "messages" if "messages" in ds.column_names else "text"
+    # The tokenizer's "sequence longer than the model's maximum ... indexing errors" warning would be
+    # misleading here: the trainer truncates, and this count is what the user sees instead.
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+    truncated = longest = 0
+    for start in range(0, len(ds), batch_size):
+        rows = ds[start:start + batch_size][column]
+        if column == "messages":
+            ids = tokenizer.apply_chat_template(rows, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(rows, add_special_tokens=True)["input_ids"]
+        for seq in ids:
+            longest = max(longest, len(seq))
+            truncated += len(seq) > max_seq_length
+    return {"records": len(ds), "truncated": truncated, "longest": longest, "max_seq_length": max_seq_length}
+
+
+def truncation_message(report: dict, flag: str = "--max_seq_length") -> str | None:
+    """One line about the records :func:`count_truncated` found too long, or None when none is."""
+    if not report or not report.get("truncated"):
+        return None
+    return (f"{report['truncated']} of {report['records']} training conversations are longer than {flag} "
+            f"{report['max_seq_length']} tokens and lose their end (longest: {report['longest']} tokens); raise "
+            f"{flag} to keep them whole")

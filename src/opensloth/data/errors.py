@@ -47,8 +47,8 @@ class MissingColumnsError(DatasetFormatError):
         self.missing = missing
 
 
-class EmptyDatasetError(ValueError):
-    """No record survived loading and filtering."""
+class EmptyDatasetError(UserInputError):
+    """No record survived loading and filtering (scripts print it as one line)."""
 
 
 def require_columns(column_names: Iterable[str], expected: Iterable[str], what: str, source: str | None = None) -> None:

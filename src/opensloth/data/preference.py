@@ -37,7 +37,7 @@ from typing import Sequence
 
 from opensloth.data.errors import DatasetFormatError, MissingColumnsError, require_columns
 from opensloth.data.formats import PREFERENCE_FORMATS, detect_preference_format, format_names
-from opensloth.data.report import DropReport
+from opensloth.data.report import IDENTICAL_TOKENS, DropReport
 from opensloth.data.sources import load_records
 from opensloth.errors import UserInputError
 from opensloth.log import log_rank0
@@ -309,7 +309,10 @@ def tokenize_preference_dataset(
     a chat template).
 
     Returns:
-        ``(dataset, report)``; ``report.truncated`` counts clamped records.
+        ``(dataset, report)``; ``report.truncated`` counts clamped records;
+        pairs whose chosen and rejected ids are identical after clamping are
+        dropped and counted (``identical_after_truncation``), as ``train_dpo.py``
+        drops them after TRL tokenizes.
     """
     require_columns(ds.column_names, ["prompt", "chosen", "rejected"], "preference pairs")
     if use_chat_template is None:
@@ -318,7 +321,8 @@ def tokenize_preference_dataset(
         raise ValueError("the tokenizer has no eos_token; completions must end with one")
 
     def tokenize_batch(batch):
-        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "_opensloth_truncated": []}
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "_opensloth_truncated": [],
+               "_opensloth_identical": []}
         for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
             clamped = clamp_preference_record(
                 _tokenize_prompt(tokenizer, prompt, use_chat_template),
@@ -332,9 +336,18 @@ def tokenize_preference_dataset(
             out["chosen_ids"].append(clamped.chosen_ids)
             out["rejected_ids"].append(clamped.rejected_ids)
             out["_opensloth_truncated"].append(clamped.truncated)
+            out["_opensloth_identical"].append(clamped.chosen_ids == clamped.rejected_ids)
         return out
 
     tokenized = ds.map(tokenize_batch, batched=True, desc=f"Tokenizing {name} pairs")
     report = DropReport(name=name, total_in=len(tokenized))
-    report.truncated = sum(tokenized["_opensloth_truncated"])
-    return tokenized.remove_columns(["_opensloth_truncated"]), report
+    identical = tokenized["_opensloth_identical"]
+    for position, same in enumerate(identical):
+        if same:
+            report.drop(IDENTICAL_TOKENS, position)
+    report.truncated = sum(t for t, same in zip(tokenized["_opensloth_truncated"], identical) if not same)
+    if report.total_dropped:
+        tokenized = tokenized.filter(lambda r: [not x for x in r], input_columns=["_opensloth_identical"],
+                                     batched=True)
+    report.raise_if_empty("Every pair has identical chosen and rejected tokens after clamping.")
+    return tokenized.remove_columns(["_opensloth_truncated", "_opensloth_identical"]), report

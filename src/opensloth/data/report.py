@@ -19,6 +19,7 @@ EMPTY = "empty"
 TIE = "tie"
 SINGLE_CANDIDATE = "single_candidate"
 IDENTICAL = "identical_texts"
+IDENTICAL_TOKENS = "identical_after_truncation"  # chosen and rejected token ids equal once fitted
 TOO_LONG = "too_long"
 TRUNCATED = "truncated"  # kept, but shortened: not a drop
 NO_ASSISTANT = "no_assistant_turn"

@@ -63,6 +63,33 @@ def count_prompt_truncations(dataset, max_length: int | None) -> dict:
     }
 
 
+def drop_identical_pairs(dataset, max_length: int | None, *, left_truncate: bool = True):
+    """Remove pairs whose chosen and rejected sequences are identical once fitted into ``max_length``.
+
+    Identical texts are dropped when the data loads (``identical_texts``);
+    this catches pairs that only become identical as token ids: completions
+    cut to the same start, or texts the tokenizer maps to the same ids. Such a
+    pair has a margin of exactly 0 and no gradient. ``left_truncate``: the fit
+    of :func:`truncate_pair` (opensloth's collator); otherwise TRL's
+    ``keep_start`` cut of each ``prompt + completion`` sequence.
+
+    Returns:
+        ``(dataset, dropped)``.
+    """
+    prompts, chosen, rejected = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
+    keep = []
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        if left_truncate:
+            _, c_fit, r_fit = truncate_pair(p, c, r, max_length)
+            same = c_fit == r_fit
+        else:
+            same = (list(p) + list(c))[:max_length] == (list(p) + list(r))[:max_length]
+        if not same:
+            keep.append(i)
+    dropped = len(prompts) - len(keep)
+    return (dataset.select(keep) if dropped else dataset), dropped
+
+
 @dataclass
 class LeftTruncatingPreferenceCollator:
     """Apply :func:`truncate_pair` to each example, then TRL's ``DataCollatorForPreference``.

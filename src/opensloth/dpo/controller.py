@@ -85,12 +85,13 @@ PRESETS = ("none", "reference", "reference_v1")
 PHASE_WARMUP = "warmup"
 PHASE_DYNAMIC = "dynamic"
 STATE_VERSION = 2  # 2 adds the rule's own state; version-1 states (p_hat rules) still load
+STATE_FILE = "dynamic_beta_state.json"  # the controller state inside each checkpoint folder
 EXTRA_KEYS = ("chosen_logratios", "rejected_logratios")
 
 __all__ = [
-    "BETA_TIMINGS", "PRESETS", "RISK_RULES", "DynamicBetaConfig", "DynamicBetaController", "EMAUpdate", "WarmupQuantileAccumulator",
-    "RiskResult", "empirical_over_threshold_proportion", "hoeffding_epsilon", "margin_summary", "quantile",
-    "preset_values", "risk_test", "split_finite", "split_finite_pairs", "update_beta",
+    "BETA_TIMINGS", "PRESETS", "RISK_RULES", "STATE_FILE", "DynamicBetaConfig", "DynamicBetaController", "EMAUpdate",
+    "WarmupQuantileAccumulator", "RiskResult", "empirical_over_threshold_proportion", "hoeffding_epsilon",
+    "margin_summary", "quantile", "preset_values", "risk_test", "split_finite", "split_finite_pairs", "update_beta",
 ]
 
 

@@ -11,19 +11,21 @@ Nothing heavy is imported at module import time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 from opensloth.atomic import write_json_atomic
 from opensloth.config import Section, load_yaml, resolve, setting
-from opensloth.dpo.collator import LeftTruncatingPreferenceCollator
-from opensloth.dpo.controller import DynamicBetaConfig
+from opensloth.dpo.collator import LeftTruncatingPreferenceCollator, drop_identical_pairs
+from opensloth.dpo.controller import STATE_FILE, DynamicBetaConfig
 from opensloth.dpo.reference_config import is_reference_config, translate_reference_config
 from opensloth.errors import UserInputError
 from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_PREFERENCE_DATASET, DTYPES, EVAL_STRATEGIES,
                               LR_SCHEDULER_HELP, LR_SCHEDULERS, MAX_GRAD_NORM_HELP, MIXED_PRECISION,
                               MIXED_PRECISION_HELP, WEIGHT_DECAY_HELP, check_optimizer_settings, training_args_kwargs)
-from opensloth.log import log_rank0
+from opensloth.log import log_rank0, warn_rank0
+from opensloth.preflight import DataCheck
 
 BETA_MODES = ("fixed", "dynamic")
 HH_PARSERS = ("shared_prefix", "reference")
@@ -88,7 +90,7 @@ class DPORunSettings:
     no_gradient_checkpointing: bool = setting(False, "turn gradient checkpointing off")
     fsdp: bool = setting(False, FSDP_HELP)
     precompute_ref_log_probs: bool = setting(False, "compute reference log-probs once before training (TRL option)")
-    resume_from_checkpoint: str | None = setting(None, "checkpoint folder to resume from, or 'last' for the newest in the run dir")
+    resume_from_checkpoint: str | None = setting(None, "checkpoint folder to resume from, or 'last' for the last complete checkpoint in the run dir")
     margins_log_dir: str | None = setting(None, "folder of the margins JSONL (default <run_dir>/logs/margins)")
     reference_logs: bool = setting(False, "also write the dynamic-DPO repositories' logs into the margins folder: "
                                           "margins_log.jsonl, epoch_XXX/step_XXXXX.npy, risk_test_and_beta_log.jsonl "
@@ -106,6 +108,8 @@ class DPORunSettings:
             raise UserInputError(f"max_seq_length={self.max_seq_length} is too small; use at least 8")
         if self.beta <= 0:
             raise UserInputError(f"beta={self.beta} must be > 0")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UserInputError(f"learning_rate={self.learning_rate} must be a number > 0 (e.g. 1e-4)")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserInputError(f"max_steps={self.max_steps} must be -1 (use num_epochs) or >= 1")
         if self.max_steps == -1 and self.num_epochs <= 0:
@@ -155,6 +159,19 @@ def resolve_settings(args) -> tuple[DPORunSettings, DynamicBetaConfig]:
         data = translation.values
     settings, dynamic = resolve(args, SECTIONS, yaml_values=data)
     return settings, dynamic
+
+
+def data_checks(settings: DPORunSettings) -> tuple[DataCheck, ...]:
+    """The splits a DPO run reads, for the pre-flight (:func:`opensloth.launch.setup_run`)."""
+    checks = [DataCheck(settings.dataset, settings.train_split, "preference")]
+    if settings.test_samples:
+        checks.append(DataCheck(settings.dataset, settings.test_split, "preference"))
+    return tuple(checks)
+
+
+def resume_files(settings: DPORunSettings) -> tuple[str, ...]:
+    """What a checkpoint must hold to resume this run: the controller state in dynamic mode."""
+    return (STATE_FILE,) if settings.beta_mode == "dynamic" else ()
 
 
 def settings_dict(settings: DPORunSettings, dynamic: DynamicBetaConfig) -> dict:
@@ -226,7 +243,7 @@ def build_dpo_trainer(trainer_cls, model, tokenizer, train_dataset, eval_dataset
     collator = None
     if left_truncate_to is not None:
         collator = LeftTruncatingPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=left_truncate_to)
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -235,6 +252,23 @@ def build_dpo_trainer(trainer_cls, model, tokenizer, train_dataset, eval_dataset
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
+    # TRL tokenized the pairs; drop those that became identical token sequences (margin 0, no gradient).
+    fit = left_truncate_to if left_truncate_to is not None else args.max_length
+    for split in ("train", "eval"):
+        data = getattr(trainer, f"{split}_dataset")
+        if data is None or isinstance(data, dict) or "prompt_ids" not in getattr(data, "column_names", ()):
+            continue
+        total = len(data)
+        data, dropped = drop_identical_pairs(data, fit, left_truncate=left_truncate_to is not None)
+        if dropped:
+            if not len(data):
+                raise UserInputError(f"every {split} pair has identical chosen and rejected tokens once fitted into "
+                                     f"max_seq_length={fit}; nothing to learn from. Raise --max_seq_length")
+            warn_rank0(f"{dropped} of {total} {split} pairs have identical chosen and rejected tokens once fitted "
+                       f"into max_seq_length={fit} (they differ only beyond it: margin 0, no gradient); dropped. "
+                       "Raise --max_seq_length to keep them")
+            setattr(trainer, f"{split}_dataset", data)
+    return trainer
 
 
 def reference_model_source(settings: DPORunSettings) -> str | None:

@@ -28,6 +28,8 @@ It does three things and returns the device of this rank:
 5. Routes TRL's Triton-only fused LM-head log-probs to a torch implementation
    on CPU (see :mod:`opensloth.patches.trl_cpu_logprobs`), unless Unsloth's
    CPU backend already did.
+6. On CUDA-less machines, lets a resume load the optimizer state on ``cpu:<N>``
+   ranks (see :mod:`opensloth.patches.resume_map_location`).
 
 ``OPENSLOTH_SHARE_DEVICE=1`` (testing override) puts every rank on
 ``cuda:{LOCAL_RANK % device_count}`` with a gloo process group, so a
@@ -50,6 +52,7 @@ import re
 from opensloth.distributed import distributed_env, ensure_process_group, preferred_backend, share_device_requested
 from opensloth.log import log_all_ranks
 from opensloth.patches.registry import PatchTargetError, record_patch, require_attr, swap_method
+from opensloth.patches.resume_map_location import patch_trainer_resume_map_location
 from opensloth.patches.trl_cpu_logprobs import patch_trl_cpu_logprobs
 
 __all__ = [
@@ -289,6 +292,7 @@ def ddp_patch(*, patch_loss_scaling: bool = True):
     device = _pin_device(env.local_rank)
     if device.type == "cpu":
         patch_training_args_cpu_ddp()
+        patch_trainer_resume_map_location()
     elif env.is_distributed and share_device_requested():
         patch_training_args_shared_device()
     if env.is_distributed:

@@ -44,9 +44,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from opensloth.atomic import write_json_atomic
+from opensloth.atomic import write_json_atomic, write_text_atomic
 from opensloth.distributed import all_gather_object_list
-from opensloth.dpo.controller import DynamicBetaConfig, DynamicBetaController, PHASE_WARMUP
+from opensloth.dpo.controller import STATE_FILE, DynamicBetaConfig, DynamicBetaController, PHASE_WARMUP
 from opensloth.log import log_rank0, warn_rank0
 from opensloth.patches.registry import (
     PatchTargetError,
@@ -74,7 +74,6 @@ __all__ = [
 LOSS_PATCH = "dpo_dynamic_beta_loss"
 RESUME_PATCH = "dpo_dynamic_beta_resume"
 WRITTEN_FOR = "trl 1.15 (DPOTrainer._compute_loss with fused LM head) + transformers 5.17 Trainer.train"
-STATE_FILE = "dynamic_beta_state.json"
 METRIC_PREFIX = "dynamic_beta/"
 RUNTIME_ATTR = "_opensloth_dynamic_beta"
 
@@ -332,8 +331,35 @@ class DynamicBetaRuntime:
             self.on_update.append = True  # continue the extra logs of the interrupted run
         log_rank0(f"dynamic beta: resumed from {path} at step {self.controller.step} "
                   f"(phase={self.controller.phase}, beta={self.controller.beta:.6g})")
+        self._forget_records_after(self.controller.step)
         self._append_log([{"type": "resume", "step": self.controller.step, "checkpoint": checkpoint_dir,
                            "beta_next": self.controller.beta, "tau": self.controller.tau}])
+
+    def _forget_records_after(self, step: int) -> None:
+        """Drop the log records of steps after ``step`` (the run that stopped got that far): they are redone.
+
+        A resume in the same run dir otherwise appends a second record for every
+        step between the checkpoint and the point where the first run stopped.
+        Rank 0 rewrites the file atomically; an unreadable line is kept as it is.
+        """
+        if not self.is_main or not os.path.isfile(self.margins_log_path):
+            return
+        kept, removed = [], 0
+        with open(self.margins_log_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    rec_step = rec.get("global_step", rec.get("step"))
+                except (ValueError, AttributeError):
+                    rec_step = None
+                if isinstance(rec_step, int) and rec_step > step:
+                    removed += 1
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if removed:
+            write_text_atomic(self.margins_log_path, "".join(kept))
+            log_rank0(f"dynamic beta: dropped {removed} records of steps after {step} from "
+                      f"{self.margins_log_path}; they are recomputed now")
 
 
 class DynamicBetaCallback(TrainerCallback):

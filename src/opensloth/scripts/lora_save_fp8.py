@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from opensloth.config import ArgumentParser
 from opensloth.errors import run_cli
 from opensloth.export import EXPORT_DTYPES, merge_lora
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m opensloth.scripts.lora_save_fp8", description=__doc__,
+    p = ArgumentParser(prog="python -m opensloth.scripts.lora_save_fp8", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", help="base model folder or hub id")
     p.add_argument("lora", help="LoRA adapter folder")

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opensloth.cache import sft_dataset_kwargs
+import math
+
+from opensloth.cache.wrapper import DATA_REPORT, sft_dataset_kwargs
+from opensloth.cache.coordination import BUILDER_MODES
 from opensloth.config import Section, resolve, setting
+from opensloth.data.chat import count_truncated
+from opensloth.distributed import distributed_env
 from opensloth.errors import UserInputError
 from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, LR_SCHEDULER_HELP, LR_SCHEDULERS,
                               MAX_GRAD_NORM_HELP, WEIGHT_DECAY_HELP, check_model_source, check_optimizer_settings,
                               model_dtype_name, training_args_kwargs)
 from opensloth.log import log_rank0
+from opensloth.preflight import DataCheck
 from opensloth.patches.batch_samples import PATCH_NAME as BATCH_PATCH
 from opensloth.patches.unsloth_compat import check_trainer_patched
 
@@ -78,10 +84,29 @@ class SFTSettings:
                                                       "needs --skip_prepare")
     cache_dir: str | None = setting(None, "tokenized-dataset cache shared by all ranks and later launches (default: "
                                           "$OPENSLOTH_CACHE_DIR, else ~/.cache/opensloth/datasets; '' disables it)")
+    cache_builder: str = setting("global", "who tokenizes into --cache_dir: global rank 0 ('global': the folder "
+                                           "must be on a filesystem every node sees) or local rank 0 of each node "
+                                           "('local': node-local folders, one build per node)",
+                                 choices=BUILDER_MODES)
+    resume_from_checkpoint: str | None = setting(None, "checkpoint folder to resume from, or 'last' for the last "
+                                                       "complete checkpoint in the run dir")
 
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise UserInputError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UserInputError(f"--learning_rate {self.learning_rate} must be a number > 0 (e.g. 2e-4)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserInputError(f"--max_steps {self.max_steps} must be -1 (use --num_epochs) or >= 1")
+        if self.max_steps == -1 and not self.num_epochs > 0:
+            raise UserInputError(f"--num_epochs {self.num_epochs} must be > 0 when --max_steps is -1")
+        if self.grad_accum < 1:
+            raise UserInputError(f"--grad_accum {self.grad_accum} must be >= 1")
+        for name in ("warmup_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"--{name} {getattr(self, name)} must be >= 0")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise UserInputError(f"--eval_steps {self.eval_steps} must be >= 1")
         if self.skip_prepare and not self.prepared_dataset_path:
             raise UserInputError("--skip_prepare needs --prepared_dataset_path outputs/precomputed/<name>")
         if self.prepared_dataset_path and not self.skip_prepare:
@@ -103,6 +128,16 @@ def resolve_settings(args) -> SFTSettings:
     (settings,) = resolve(args, SECTIONS)
     check_model_source(settings.model_name)
     return settings
+
+
+def data_checks(settings: SFTSettings) -> tuple[DataCheck, ...]:
+    """The splits an SFT run reads, for the pre-flight (:func:`opensloth.launch.setup_run`)."""
+    if settings.skip_prepare:
+        return (DataCheck(settings.prepared_dataset_path, kind="prepared", flag="--prepared_dataset_path"),)
+    checks = [DataCheck(settings.dataset, settings.train_split, "chat")]
+    if settings.test_samples:
+        checks.append(DataCheck(settings.dataset, settings.test_split, "chat"))
+    return tuple(checks)
 
 
 def make_sft_config(settings: SFTSettings, *, run_dir: str, per_device: int, world_size: int, backend: str,
@@ -142,6 +177,11 @@ def build_sft_trainer(model, tokenizer, train_dataset, val_dataset, world_size: 
     """
     import trl
 
+    report = None
+    if "input_ids" not in train_dataset.column_names and distributed_env().is_main:
+        # Raw data: TRL will cut conversations longer than max_length; count them once (on rank 0,
+        # or on the cache builder, whose count the cache hands to later launches).
+        report = count_truncated(train_dataset, tokenizer, settings.max_seq_length)
     config = make_sft_config(settings, run_dir=run_dir, per_device=per_device, world_size=world_size,
                              backend=backend, dtype=model_dtype_name(model), has_eval=val_dataset is not None,
                              dataset_kwargs=sft_dataset_kwargs(train_dataset))
@@ -154,4 +194,6 @@ def build_sft_trainer(model, tokenizer, train_dataset, val_dataset, world_size: 
     )
     log_rank0(f"SFTTrainer class in use: {type(trainer).__module__}.{type(trainer).__qualname__}")
     check_trainer_patched(trainer, "get_batch_samples", BATCH_PATCH)  # the class Unsloth rebound, not a stale one
+    if report is not None:
+        setattr(trainer, DATA_REPORT, report)  # the dataset cache records it with the tokenized data
     return trainer
