@@ -15,6 +15,8 @@ and a wrong loss normalisation (per-rank mean of means) shows up at ~1e-2.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers import HAS_UNSLOTH, run, torchrun_cmd
@@ -22,7 +24,9 @@ from helpers import HAS_UNSLOTH, run, torchrun_cmd
 SCRIPT = "train_scripts/train_configurable.py"
 TOL = 2e-4
 COMMON = ["--dtype", "float32", "--max_steps", "4", "--global_batch_size", "8", "--train_samples", "64",
-          "--learning_rate", "1e-3", "--max_seq_length", "512", "--logging_steps", "1", "--seed", "11"]
+          "--learning_rate", "1e-3", "--max_seq_length", "512", "--logging_steps", "1", "--seed", "11",
+          "--heldout_samples", "16", "--heldout_exact", "4"]
+HELDOUT = re.compile(r"held-out loss\s+([0-9.]+) -> ([0-9.]+) \(([-+][0-9.]+)%\) on 16 conversations")
 
 BACKENDS = ["hf", pytest.param("unsloth", marks=pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed"))]
 
@@ -37,16 +41,25 @@ def _train(tmp_path, nproc, backend, name, *extra):
     proc = run(torchrun_cmd(nproc, SCRIPT, *COMMON, "--backend", backend, "--output_dir", str(tmp_path),
                             "--cache_dir", str(tmp_path / "cache"), "--experiment_name", name, *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return _losses(tmp_path / f"{name}_ws{nproc}{'_nopatches' if '--no_patches' in extra else ''}")
+    # Every run ends with the summary; the held-out loss is scored on a share per rank and gathered.
+    assert "== SFT finished: 4 steps in" in proc.stdout and f"on {nproc} rank(s) ==" in proc.stdout, proc.stdout
+    before, after, _ = HELDOUT.search(proc.stdout).groups()
+    losses = _losses(tmp_path / f"{name}_ws{nproc}{'_nopatches' if '--no_patches' in extra else ''}")
+    losses["heldout"] = (float(before), float(after))
+    return losses
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_vs_two_ranks_same_losses(tmp_path, backend):
     reference = _train(tmp_path, 1, backend, "ref", "--no_patches")
+    heldout = reference.pop("heldout")
     assert sorted(reference) == [1, 2, 3, 4]
     for label, extra in (("plain", ("--no_patches",)), ("patched", ())):
         two = _train(tmp_path, 2, backend, label, *extra)
+        # The summary prints 4 significant digits (steps of 1e-3 near 1.8): the same held-out loss before and
+        # after on 1 and 2 ranks, up to that rounding.
+        assert two.pop("heldout") == pytest.approx(heldout, abs=1.01e-3), f"{backend} {label}: held-out differs"
         assert sorted(two) == sorted(reference)
         worst = max(abs(two[s] - reference[s]) for s in reference)
         assert worst < TOL, f"{backend} {label}: 2 ranks deviate by {worst:.2e}\n1: {reference}\n2: {two}"

@@ -54,6 +54,7 @@ from opensloth.online_dpo.sft_reference import prepare_reference
 from opensloth.rollout.judges import make_judge
 from opensloth.rollout.policy import describe_checkpoint, load_policy
 from opensloth.rollout.run import PAIRS_FILE, run_rollout
+from opensloth.summary import next_commands_for
 from opensloth.rollout.traces import load_prompts
 from opensloth.tasks import TASK_KINDS
 
@@ -209,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     if env.is_main and os.path.isdir(args.output):
         summary = write_reports(args.output)
         log_rank0("accuracy per iteration:\n" + summary_markdown(summary["rows"]))
+        done = layout.completed_iterations(args.output)
+        if done:  # the last iteration's adapter is the result
+            last = layout.dpo_dir(args.output, done[-1])
+            print(f"result: {last}\nnext:\n  " + "\n  ".join(next_commands_for(last, adapter=True)), flush=True)
     barrier()
 
 

@@ -10,9 +10,10 @@
 Steps: flags (+ YAML) -> pre-flight (model files, data, checkpoint, output
 folder: opensloth.preflight) -> import Unsloth (first) -> ddp_patch() -> load
 model + LoRA -> load and format data -> SFTTrainer (one rank tokenizes, all
-reuse) -> train -> save adapter and trainer state to
-``<output_dir>/<experiment_name>_ws<world_size>`` (``..._nopatches`` with
-``--no_patches``). A run dir that already holds a run is refused unless the
+reuse) -> held-out loss and exact-match of the base -> train -> save adapter
+and trainer state to ``<output_dir>/<experiment_name>_ws<world_size>``
+(``..._nopatches`` with ``--no_patches``) -> held-out again -> a summary
+(throughput, losses, held-out before/after, where things are, next commands). A run dir that already holds a run is refused unless the
 launch resumes it.
 
 ``--resume_from_checkpoint last`` continues from the last complete checkpoint
@@ -43,12 +44,12 @@ from opensloth.config import ArgumentParser, add_config_flags
 from opensloth.data.chat import load_chat_splits, truncation_message
 from opensloth.debug.dataloader_preview import debug_chat_dataloader_for_training
 from opensloth.errors import run_cli
-from opensloth.launch import LoraSettings, load_model_and_tokenizer, setup_run, train_and_save
+from opensloth.launch import LoraSettings, finish_run, load_model_and_tokenizer, setup_run, train_and_save
 from opensloth.log import log_rank0, warn_rank0
 from opensloth.patches import applied_patches
 from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
 from opensloth.sft import SECTIONS, build_sft_trainer, resolve_settings
-from opensloth.sft.run import data_checks
+from opensloth.sft.run import data_checks, evaluate_heldout_for_summary, heldout_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,10 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     if settings.debug_dataloader and launch.env.is_main:
         log_rank0(f"dataloader preview: {debug_chat_dataloader_for_training(trainer, tokenizer)}")
 
+    # --- held-out loss and exact-match before training (every rank scores a share) ---
+    heldout = heldout_path(settings)
+    before = evaluate_heldout_for_summary(model, tokenizer, settings, heldout)
+
     # --- train and save ---
     elapsed = train_and_save(trainer, model, tokenizer, launch.run_dir,
                              resume_from_checkpoint=launch.resume_from_checkpoint)
-    log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s; adapter saved to {launch.run_dir}")
+    after = evaluate_heldout_for_summary(model, tokenizer, settings, heldout)
+    finish_run(trainer, launch, task="SFT", seconds=elapsed, heldout=(before, after),
+               heldout_what=f"{after['n']} conversations of {heldout}" if after else "")
 
 
 if __name__ == "__main__":

@@ -37,11 +37,12 @@ from opensloth.config import ArgumentParser, add_config_flags
 from opensloth.data.preference import load_preference_splits
 from opensloth.dpo.collator import count_prompt_truncations
 from opensloth.dpo.lora_reference import parameter_report, use_base_model_as_reference
-from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, data_checks, dpo_trainer_class, make_dpo_config,
-                               reference_model_source, resolve_settings, resume_files, write_settings)
+from opensloth.dpo.run import (SECTIONS, build_dpo_trainer, data_checks, dpo_summary_lines, dpo_trainer_class,
+                               make_dpo_config, reference_model_source, resolve_settings, resume_files,
+                               write_settings)
 from opensloth.errors import run_cli
-from opensloth.launch import (LoraSettings, load_frozen_model, load_model_and_tokenizer, model_dtype_name, setup_run,
-                              train_and_save)
+from opensloth.launch import (LoraSettings, finish_run, load_frozen_model, load_model_and_tokenizer,
+                              model_dtype_name, setup_run, train_and_save)
 from opensloth.log import log_rank0
 from opensloth.patches import applied_patches
 
@@ -124,9 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = train_and_save(trainer, model, tokenizer, launch.run_dir,
                              resume_from_checkpoint=launch.resume_from_checkpoint,
                              save_extra=runtime.save if runtime is not None else None)
-    beta_note = f"; final beta {runtime.beta:.6g}" if runtime is not None else ""
-    log_rank0(f"trained {trainer.state.global_step} steps in {elapsed:.1f}s{beta_note}; "
-              f"{'model' if settings.full_finetune else 'adapter'} saved to {launch.run_dir}")
+    finish_run(trainer, launch, task="DPO", seconds=elapsed, unit="pairs", adapter=not settings.full_finetune,
+               lines=dpo_summary_lines(trainer.state.log_history, runtime))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from opensloth.errors import UserInputError, same_on_every_rank
 from opensloth.log import log_rank0, warn_rank0
 from opensloth.patches.ddp import ddp_patch
 from opensloth.preflight import DataCheck, Plan, check_model_source, human_bytes, run_preflight, share_verdict
+from opensloth.summary import RunSummary, loss_endpoints, next_commands_for, render, total_tokens
 
 DEFAULT_MODEL = "data/tiny-qwen3"
 DEFAULT_SFT_DATASET = "data/sft"
@@ -663,6 +664,51 @@ def train_and_save(trainer, model, tokenizer, run_dir: str, *, resume_from_check
                 save_extra(run_dir)
     barrier()  # no rank moves on (merges, evaluates, exits) before rank 0 has written the adapter
     return elapsed
+
+
+def finish_run(trainer, launch: Launch, *, task: str, seconds: float, unit: str = "samples", adapter: bool = True,
+               heldout: tuple[dict | None, dict | None] = (None, None), heldout_what: str = "",
+               lines: Sequence[tuple[str, str]] = (), example_prompt: str | None = None) -> RunSummary:
+    """The end-of-run summary (:mod:`opensloth.summary`), printed by global rank 0 and returned on every rank.
+
+    Args:
+        trainer: the trained trainer (its ``log_history`` gives the losses and token counts).
+        launch: what :func:`setup_run` decided (run dir, world size, micro-batch).
+        task: ``"SFT"`` or ``"DPO"`` (the header).
+        seconds: what :func:`train_and_save` returned.
+        unit: ``"samples"`` or ``"pairs"``.
+        adapter: the run dir holds a LoRA adapter (else a full model).
+        heldout: the held-out evaluation before and after training
+            (:func:`opensloth.sft.eval.evaluate_heldout` results), or Nones.
+        heldout_what: what was evaluated ("200 conversations of data/sft/test.jsonl").
+        lines: extra rows, e.g. ``("final beta", "0.093")``.
+        example_prompt: the prompt of the suggested chat command.
+    """
+    history = list(trainer.state.log_history)
+    first, last, window = loss_endpoints(history)
+    steps = int(trainer.state.global_step)
+    args = trainer.args
+    per_step = launch.per_device * args.gradient_accumulation_steps * launch.world_size if launch.per_device else None
+    before, after = heldout
+    rows = list(lines)
+    if before and after and before.get("exact_match") is not None and after.get("exact_match") is not None:
+        what = f"{after['n_exact']} held-out prompts" + (f" of task {after['task']}" if after.get("task") else "")
+        rows.insert(0, ("exact match", f"{before['exact_match']:.0%} -> {after['exact_match']:.0%} ({what})"))
+    tb_dir = getattr(args, "logging_dir", None) or os.path.join(launch.run_dir, "runs")
+    has_tb = os.path.isdir(tb_dir) or "tensorboard" in (getattr(args, "report_to", None) or [])
+    summary = RunSummary(
+        task=task, run_dir=launch.run_dir, world_size=launch.world_size, steps=steps, seconds=seconds, unit=unit,
+        samples=steps * per_step if per_step else None, tokens=total_tokens(history),
+        first_loss=first, last_loss=last, last_loss_window=window,
+        eval_before=(before or {}).get("loss"), eval_after=(after or {}).get("loss"), eval_what=heldout_what,
+        lines=rows, saved="LoRA adapter, PEFT format" if adapter else "full model, safetensors",
+        tensorboard_dir=tb_dir if has_tb else None,
+        next_commands=next_commands_for(launch.run_dir, adapter=adapter, has_tensorboard=has_tb,
+                                        prompt=example_prompt),
+    )
+    if launch.env.is_main:
+        print(render(summary), flush=True)
+    return summary
 
 
 def read_log_history(run_dir: str) -> list[dict]:

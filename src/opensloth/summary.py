@@ -35,7 +35,8 @@ class RunSummary:
     world_size: int = 1
     steps: int = 0
     seconds: float = 0.0
-    samples: int | None = None
+    samples: int | None = None  # training examples seen (samples for SFT, pairs for DPO)
+    unit: str = "samples"
     tokens: int | None = None
     first_loss: tuple[int, float] | None = None
     last_loss: tuple[int, float] | None = None
@@ -110,10 +111,10 @@ def render(s: RunSummary) -> str:
     if s.seconds > 0:
         parts = []
         if s.samples:
-            parts.append(f"{s.samples / s.seconds:,.1f} samples/s")
+            parts.append(f"{s.samples / s.seconds:,.1f} {s.unit}/s")
         if s.tokens:
             parts.append(f"{s.tokens / s.seconds:,.0f} tokens/s")
-        totals = ", ".join(x for x in (f"{s.samples:,} samples" if s.samples else "",
+        totals = ", ".join(x for x in (f"{s.samples:,} {s.unit}" if s.samples else "",
                                        f"{s.tokens:,} tokens" if s.tokens else "") if x)
         if parts:
             rows.append(("throughput", ", ".join(parts) + (f" ({totals})" if totals else "")))

@@ -291,3 +291,36 @@ def write_settings(run_dir: str, settings: DPORunSettings, dynamic: DynamicBetaC
     path = os.path.join(run_dir, SETTINGS_FILE)
     write_json_atomic(path, settings_dict(settings, dynamic))
     return path
+
+
+def dpo_summary_lines(log_history: list[dict], runtime=None) -> list[tuple[str, str]]:
+    """Rows of the end-of-run summary a DPO user acts on: reward accuracy, eval loss, the beta trajectory.
+
+    Read from the trainer's ``log_history`` (TRL's ``rewards/*`` and ``eval_*``
+    keys, the dynamic-beta ``dynamic_beta/beta`` scalar) and, for the final
+    beta, the dynamic-beta runtime when there is one.
+    """
+
+    def series(key: str) -> list[float]:
+        return [float(r[key]) for r in log_history if isinstance(r.get(key), (int, float))]
+
+    def mean_tail(values: list[float]) -> float:
+        tail = values[-max(1, len(values) // 10):]
+        return sum(tail) / len(tail)
+
+    rows = []
+    acc = series("rewards/accuracies")
+    if acc:
+        rows.append(("reward accuracy", f"{acc[0]:.0%} (first step) -> {mean_tail(acc):.0%} (last steps, train)"))
+    eval_loss, eval_acc = series("eval_loss"), series("eval_rewards/accuracies")
+    if eval_loss:
+        text = f"{eval_loss[0]:.4g} -> {eval_loss[-1]:.4g}" if len(eval_loss) > 1 else f"{eval_loss[-1]:.4g}"
+        if eval_acc:
+            text += f" (reward accuracy {eval_acc[-1]:.0%})"
+        rows.append(("eval loss", text))
+    betas = series("dynamic_beta/beta")
+    if runtime is not None:
+        start = f"{betas[0]:.4g} -> " if betas else ""
+        where = getattr(runtime, "margins_log_path", None) or "TensorBoard, dynamic_beta/"
+        rows.append(("beta", f"{start}{runtime.beta:.4g} (dynamic; per step: {where})"))
+    return rows

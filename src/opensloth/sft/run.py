@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import math
+import os
 
 from opensloth.cache.wrapper import DATA_REPORT, sft_dataset_kwargs
 from opensloth.cache.coordination import BUILDER_MODES
@@ -25,6 +26,7 @@ from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DA
                               model_dtype_name, training_args_kwargs)
 from opensloth.log import log_rank0
 from opensloth.preflight import DataCheck
+from opensloth.tasks import TASK_KINDS
 from opensloth.patches.batch_samples import PATCH_NAME as BATCH_PATCH
 from opensloth.patches.unsloth_compat import check_trainer_patched
 
@@ -90,6 +92,13 @@ class SFTSettings:
                                  choices=BUILDER_MODES)
     resume_from_checkpoint: str | None = setting(None, "checkpoint folder to resume from, or 'last' for the last "
                                                        "complete checkpoint in the run dir")
+    heldout_samples: int = setting(200, "held-out loss before and after training on the first N conversations of "
+                                        "the test split, when --dataset is a local folder or file that has one "
+                                        "(0: off)")
+    heldout_exact: int = setting(48, "greedy exact-match before and after training on the first N held-out prompts "
+                                     "whose task opensloth.tasks can check (0: off)")
+    heldout_task: str | None = setting(None, "only count held-out prompts of this task kind for exact-match "
+                                             "(default: every kind opensloth.tasks recognises)")
 
     def __post_init__(self):
         if self.max_seq_length < 8:
@@ -111,12 +120,15 @@ class SFTSettings:
             raise UserInputError("--skip_prepare needs --prepared_dataset_path outputs/precomputed/<name>")
         if self.prepared_dataset_path and not self.skip_prepare:
             raise UserInputError("--prepared_dataset_path is only read with --skip_prepare; add --skip_prepare")
-        for name in ("train_samples", "test_samples"):
+        for name in ("train_samples", "test_samples", "heldout_samples", "heldout_exact"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserInputError(f"--{name} {value} must be >= 0")
         if self.logging_steps < 1:
             raise UserInputError(f"--logging_steps {self.logging_steps} must be >= 1")
+        if self.heldout_task is not None and self.heldout_task not in TASK_KINDS:
+            raise UserInputError(f"--heldout_task {self.heldout_task!r} is not a task kind; choose one of "
+                                 f"{', '.join(TASK_KINDS)}")
         check_optimizer_settings(self)
 
 
@@ -138,6 +150,35 @@ def data_checks(settings: SFTSettings) -> tuple[DataCheck, ...]:
     if settings.test_samples:
         checks.append(DataCheck(settings.dataset, settings.test_split, "chat"))
     return tuple(checks)
+
+
+def heldout_path(settings: SFTSettings) -> str | None:
+    """The local file of the test split that the held-out evaluation reads, or None (hub id, no such split)."""
+    if settings.skip_prepare or not (settings.heldout_samples or settings.heldout_exact):
+        return None
+    if os.path.isfile(settings.dataset):
+        return None  # one file is the training data itself; nothing held out
+    path = os.path.join(settings.dataset, f"{settings.test_split}.jsonl")
+    return path if os.path.isfile(path) else None
+
+
+def evaluate_heldout_for_summary(model, tokenizer, settings: SFTSettings, path: str | None) -> dict | None:
+    """:func:`opensloth.sft.eval.evaluate_heldout` with the run's settings, on every rank (each scores a share)."""
+    if path is None:
+        return None
+    import time
+
+    from opensloth.sft.eval import evaluate_heldout
+
+    start = time.perf_counter()
+    result = evaluate_heldout(model, tokenizer, path, n_loss=settings.heldout_samples,
+                              n_exact=settings.heldout_exact, task=settings.heldout_task,
+                              max_length=settings.max_seq_length)
+    exact = "" if result["exact_match"] is None else f", exact-match {result['exact_match']:.0%} of {result['n_exact']}"
+    loss = "" if result["loss"] is None else f"loss {result['loss']:.4f} on {result['n']} conversations"
+    log_rank0(f"held-out {path}: {loss}{exact} ({time.perf_counter() - start:.1f}s; --heldout_samples 0 "
+              "--heldout_exact 0 skip it)")
+    return result
 
 
 def make_sft_config(settings: SFTSettings, *, run_dir: str, per_device: int, world_size: int, backend: str,
