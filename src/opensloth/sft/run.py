@@ -10,7 +10,7 @@ factory signature the dataset cache wrapper expects:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import math
 
@@ -30,12 +30,17 @@ from opensloth.patches.unsloth_compat import check_trainer_patched
 
 PACKING_LAYOUTS = ("auto", "varlen", "rows4d", "padded")
 # LoRA on all seven linear layers, as Unsloth's notebooks do (the original OpenSloth used q/k/v/o): on the
-# embedded model the MLP adapters are what lets a 125-step SFT learn a new task (data/README.md).
+# embedded model they teach the negate task of the default run half again as well as q/k/v/o (data/README.md).
 SFT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 2e-4 is the usual LoRA rate for real models; the embedded model (378k parameters, hidden size 64) needs a
 # step 50x larger to learn the negate task of its SFT data in the default 125 steps.
 SFT_LEARNING_RATE = 2e-4
 EMBEDDED_SFT_LEARNING_RATE = 1e-2
+
+
+def default_sft_learning_rate(model_name: str) -> float:
+    """The learning rate of a run that names none: 1e-2 for the embedded tiny model, else 2e-4."""
+    return EMBEDDED_SFT_LEARNING_RATE if is_embedded_model(model_name) else SFT_LEARNING_RATE
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,9 @@ class SFTSettings:
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise UserInputError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8")
-        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if self.learning_rate is None:  # the model's default (frozen dataclass: set once, here)
+            object.__setattr__(self, "learning_rate", default_sft_learning_rate(self.model_name))
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise UserInputError(f"--learning_rate {self.learning_rate} must be a number > 0 (e.g. 2e-4)")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserInputError(f"--max_steps {self.max_steps} must be -1 (use --num_epochs) or >= 1")
@@ -149,20 +156,14 @@ class SFTSettings:
 SECTIONS = (Section(None, SFTSettings),)
 
 
-def default_sft_learning_rate(model_name: str) -> float:
-    """The learning rate of a run that names none: 1e-2 for the embedded tiny model, else 2e-4."""
-    return EMBEDDED_SFT_LEARNING_RATE if is_embedded_model(model_name) else SFT_LEARNING_RATE
-
-
 def resolve_settings(args) -> SFTSettings:
     """Defaults < YAML (``args.config``) < the flags given on the command line; the model path is checked.
 
-    A run without a learning rate gets :func:`default_sft_learning_rate` of its model.
+    A run without a learning rate gets :func:`default_sft_learning_rate` of its final model
+    (:class:`SFTSettings` resolves it when built).
     """
     (settings,) = resolve(args, SECTIONS)
     check_model_source(settings.model_name)
-    if settings.learning_rate is None:
-        settings = replace(settings, learning_rate=default_sft_learning_rate(settings.model_name))
     return settings
 
 
