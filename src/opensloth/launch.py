@@ -44,15 +44,6 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
                  "warmup_stable_decay", "greedy")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-
-
-def is_embedded_model(model_name: str) -> bool:
-    """Whether ``model_name`` is the shipped :data:`DEFAULT_MODEL` folder (both relative to the working directory)."""
-    try:
-        return os.path.isdir(model_name) and os.path.samefile(model_name, DEFAULT_MODEL)
-    except OSError:
-        return False
-
 EVAL_STRATEGIES = ("steps", "epoch")
 # Help texts of the optimizer settings SFTSettings and DPORunSettings share (TrainingArguments names and defaults).
 MAX_GRAD_NORM_HELP = "clip the global gradient norm to this value each optimizer step (0: no clipping; TRL default)"
@@ -65,9 +56,18 @@ MIXED_PRECISION_HELP = ("autocast: auto follows the weights dtype (bf16 weights 
                         "autocast over float32 weights; no: none")
 
 
+def is_embedded_model(model_name: str) -> bool:
+    """Whether ``model_name`` is the shipped :data:`DEFAULT_MODEL` folder (both relative to the working directory)."""
+    try:
+        return os.path.isdir(model_name) and os.path.samefile(model_name, DEFAULT_MODEL)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA defaults of the original OpenSloth guide: q/k/v/o, r=8, alpha=16."""
+    """LoRA defaults of the original OpenSloth guide: q/k/v/o, r=8, alpha=16 (DPO, rollouts; SFT's own
+    defaults are ``SFTSettings.lora``: all seven linear layers)."""
 
     r: int = setting(8, "LoRA rank")
     alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)")
