@@ -14,7 +14,16 @@ Three stages, all seeded:
    Qwen's (``<|endoftext|>`` pad, ``<|im_start|>``, ``<|im_end|>`` eos), and
    the chat template is ChatML with ``{% generation %}`` markers around
    assistant content so that TRL's ``assistant_only_loss`` works.
-2. **Model.** ``Qwen3ForCausalLM`` initialised from ``torch.manual_seed``.
+2. **Model.** ``Qwen3ForCausalLM`` initialised from ``torch.manual_seed``,
+   with the tied token embeddings drawn wider than the other weights
+   (``--embed-init-std`` 0.25 instead of 0.02) and kept out of weight decay.
+   ProntoQA's names and concepts play interchangeable roles in the text, so
+   nothing in pretraining pulls their embeddings apart: from the default
+   0.02 they drift to one shared direction (mean cosine 0.98 between the
+   twelve names) and the model cannot tell them apart, neither to copy one
+   from the prompt nor to learn that under LoRA (embeddings are frozen). With
+   distinct embeddings (cosine about 0.3) the base learns to copy them, and a
+   short LoRA SFT can teach a new task built on copying (``negate``).
 3. **Pretraining.** Full-parameter next-token training in float32 with plain
    torch and AdamW, on task text generated with yet another seed
    (``--pretrain-seed``). Nine documents in ten are *plain text*, not ChatML::
@@ -146,13 +155,11 @@ def shipped_prompts(records_per_seed: int = 4000) -> set[str]:
     a few skipped as repeats) are a prefix of those streams, so this is a
     superset of their prompts, found without reading ``data/``.
     """
-    from opensloth.tasks import make_conversation, make_preference_pair
-
     spec = importlib.util.spec_from_file_location("make_sample_data", os.path.join(ROOT, "scripts", "make_sample_data.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     prompts: set[str] = set()
-    for make, seeds in ((make_conversation, module.SFT_SEEDS), (make_preference_pair, module.PREFERENCE_SEEDS)):
+    for make, seeds in module.record_streams():
         for seed in seeds.values():
             rng = random.Random(seed)
             for _ in range(records_per_seed):
@@ -292,6 +299,8 @@ def build_model(tokenizer, args):
     )
     torch.manual_seed(args.model_seed)
     model = Qwen3ForCausalLM(config).to(torch.float32)
+    if args.embed_init_std:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embed_init_std)
     # Like Qwen's chat models, generation stops at either end token: the chat
     # turn's <|im_end|>, or the <|endoftext|> that ends every pretraining document.
     model.generation_config = GenerationConfig(
@@ -315,7 +324,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int, final_fraction: float
 
 
 def pretrain(model, rows: list[list[int]], batch_size: int, peak_lr: float, warmup: int, seed: int,
-             log_every: int = 50) -> list[float]:
+             log_every: int = 50, embed_decay: float = 0.1) -> list[float]:
     """Full-parameter next-token training over ``rows``, in order, ``batch_size`` rows per AdamW step.
 
     ``-1`` in a row is padding: fed as ``<|endoftext|>`` (id 0) and left out
@@ -325,10 +334,12 @@ def pretrain(model, rows: list[list[int]], batch_size: int, peak_lr: float, warm
 
     torch.manual_seed(seed)
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
+    embed = model.get_input_embeddings().weight
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not embed]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": 0.1}, {"params": [embed], "weight_decay": embed_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
         lr=peak_lr, betas=(0.9, 0.95), eps=1e-8, foreach=False,
     )
     total = len(rows) // batch_size
@@ -402,6 +413,11 @@ def main() -> None:
                         help="share of pretraining documents rendered as one ChatML exchange instead of plain text")
     parser.add_argument("--pretrain-lr", type=float, default=5e-3, help="peak learning rate")
     parser.add_argument("--pretrain-warmup", type=int, default=30, help="linear warmup steps")
+    parser.add_argument("--embed-init-std", type=float, default=0.25,
+                        help="std of the (tied) token embeddings at initialisation (0: the config's initializer_range, "
+                             "0.02, with which same-role tokens such as names end up with near-identical embeddings)")
+    parser.add_argument("--embed-weight-decay", type=float, default=0.0,
+                        help="AdamW weight decay of the embeddings (the other matrices use 0.1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; the saved bytes are reproducible for a fixed count (default 1)")
     args = parser.parse_args()
@@ -423,7 +439,8 @@ def main() -> None:
         rows = pack_rows(docs, args.pretrain_steps * args.pretrain_batch, args.pretrain_seq_len)
         n_pad = sum(row.count(-1) for row in rows)
         print(f"pretraining on {len(rows) * args.pretrain_seq_len - n_pad} tokens ({n_pad} padding)", flush=True)
-        losses = pretrain(model, rows, args.pretrain_batch, args.pretrain_lr, args.pretrain_warmup, args.model_seed)
+        losses = pretrain(model, rows, args.pretrain_batch, args.pretrain_lr, args.pretrain_warmup, args.model_seed,
+                          embed_decay=args.embed_weight_decay)
 
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -6,7 +6,11 @@ Files (one JSON object per line, keys sorted, ASCII only):
 
 - ``data/sft/{train,test}.jsonl``: ``{"messages": [{"role", "content"}, ...],
   "source": <task kind>}``, the format of trl-lib/Capybara; some records carry
-  a system message, some are multi-turn.
+  a system message, some are multi-turn. Most records mix the pretraining
+  kinds; a share (``--sft-negate-share``, 30%) are ``negate`` conversations, a
+  kind the embedded base was never trained on, so that the default SFT run
+  teaches something a user can check (data/README.md). The two streams have
+  their own seeds and are shuffled together with a fixed seed.
 - ``data/preference/{train,test}.jsonl``: ``{"prompt", "chosen", "rejected"}``
   strings; ``chosen`` is the correct worked answer, ``rejected`` the same shape
   with one slip and a wrong final answer.
@@ -29,7 +33,24 @@ import random
 import sys
 
 SFT_SEEDS = {"train": 1001, "test": 1002}
+NEGATE_SEEDS = {"train": 1003, "test": 1004}
+SHUFFLE_SEEDS = {"train": 1005, "test": 1006}
 PREFERENCE_SEEDS = {"train": 2001, "test": 2002}
+
+
+def make_negate_conversation(rng: random.Random) -> dict:
+    """A chat record whose every turn is a ``negate`` task."""
+    from opensloth.tasks import make_conversation
+
+    return make_conversation(rng, kind="negate")
+
+
+def record_streams() -> list[tuple]:
+    """``(make, seeds)`` of every shipped stream, so that other scripts can regenerate their prompts."""
+    from opensloth.tasks import make_conversation, make_preference_pair
+
+    return [(make_conversation, SFT_SEEDS), (make_negate_conversation, NEGATE_SEEDS),
+            (make_preference_pair, PREFERENCE_SEEDS)]
 
 
 def user_prompts(record: dict) -> list[str]:
@@ -54,6 +75,21 @@ def generate_split(make, seed: int, n: int, exclude: set[str] | None = None) -> 
             continue
         seen.add(prompts[0])
         records.append(record)
+    return records
+
+
+def mixed_split(split: str, n: int, negate_share: float, exclude: set[str] | None = None) -> list[dict]:
+    """``n`` SFT records: ``round(n * negate_share)`` negate conversations, the rest mixed, shuffled together.
+
+    Each stream is a prefix of its seed's stream, so a smaller ``n`` or share
+    keeps the same records.
+    """
+    from opensloth.tasks import make_conversation
+
+    n_negate = round(n * negate_share)
+    records = generate_split(make_conversation, SFT_SEEDS[split], n - n_negate, exclude)
+    records += generate_split(make_negate_conversation, NEGATE_SEEDS[split], n_negate, exclude)
+    random.Random(SHUFFLE_SEEDS[split]).shuffle(records)
     return records
 
 
@@ -90,16 +126,18 @@ def main() -> None:
     parser.add_argument("--out", default="data", help="data folder")
     parser.add_argument("--sft-train", type=int, default=2000, help="SFT train records")
     parser.add_argument("--sft-test", type=int, default=200, help="SFT test records")
+    parser.add_argument("--sft-negate-share", type=float, default=0.3,
+                        help="share of SFT records (train and test) that are negate conversations")
     parser.add_argument("--pref-train", type=int, default=1000, help="preference train records")
     parser.add_argument("--pref-test", type=int, default=100, help="preference test records")
     parser.add_argument("--tokenizer", default="data/tiny-qwen3", help="tokenizer for the length summary")
     args = parser.parse_args()
 
-    from opensloth.tasks import make_conversation, make_preference_pair
+    from opensloth.tasks import make_preference_pair
 
-    sft_train = generate_split(make_conversation, SFT_SEEDS["train"], args.sft_train)
-    sft_test = generate_split(make_conversation, SFT_SEEDS["test"], args.sft_test,
-                              exclude={p for r in sft_train for p in user_prompts(r)})
+    sft_train = mixed_split("train", args.sft_train, args.sft_negate_share)
+    sft_test = mixed_split("test", args.sft_test, args.sft_negate_share,
+                           exclude={p for r in sft_train for p in user_prompts(r)})
     pref_train = generate_split(make_preference_pair, PREFERENCE_SEEDS["train"], args.pref_train)
     pref_test = generate_split(make_preference_pair, PREFERENCE_SEEDS["test"], args.pref_test,
                                exclude={r["prompt"] for r in pref_train})

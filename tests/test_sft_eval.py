@@ -202,3 +202,17 @@ def test_peft_model_generation_is_deterministic_and_sees_the_adapter(tmp_path, t
     again = evaluate_heldout(peft_model, tokenizer, path, n_loss=6, n_exact=6, max_new_tokens=24)
     assert first == again
     assert first["loss"] != pytest.approx(plain["loss"], rel=1e-3)
+
+
+def test_the_shipped_data_scores_its_new_skill_by_default(tmp_path, monkeypatch):
+    """On data/sft exact-match counts the kind the base never learned ('negate'); elsewhere every kind counts."""
+    from opensloth.sft import SFTSettings
+
+    monkeypatch.chdir(tmp_path)  # the shipped folder is recognised from any working directory
+    assert SFTSettings(dataset=str(SFT_DATA)).heldout_task == "negate"
+    assert SFTSettings(dataset=str(tmp_path)).heldout_task is None
+    assert SFTSettings(dataset=str(SFT_DATA), heldout_task="add").heldout_task == "add"
+    with pytest.raises(UserInputError, match="--heldout_task 'poetry' is not a task kind"):
+        SFTSettings(heldout_task="poetry")
+    with pytest.raises(UserInputError, match="--heldout_exact -1 must be >= 0"):
+        SFTSettings(heldout_exact=-1)

@@ -11,11 +11,12 @@ from opensloth.errors import UserInputError
 from opensloth.sft import SFTSettings, resolve_settings
 
 # The flags train_configurable.py had before its parser was generated from SFTSettings (and the original
-# OpenSloth's --use_patches): name -> default.
+# OpenSloth's --use_patches): name -> default. --learning_rate keeps its name; its default now depends on the
+# model (test_learning_rate_default_depends_on_the_model).
 OLD_FLAGS = {
     "model_name": "data/tiny-qwen3", "dataset": "data/sft", "train_split": "train", "test_split": "test",
     "max_seq_length": 1024, "num_epochs": 1.0, "max_steps": -1, "train_samples": None, "test_samples": 0,
-    "eval_steps": None, "eval_batch_size": None, "learning_rate": 2e-4, "warmup_steps": 0,
+    "eval_steps": None, "eval_batch_size": None, "warmup_steps": 0,
     "per_device_batch_size": None, "global_batch_size": None, "grad_accum": 1, "logging_steps": 1, "save_steps": 0,
     "seed": 3407, "no_patches": False, "use_patches": False, "packing_layout": "auto", "debug_dataloader": False, "experiment_name": "sft",
     "output_dir": "outputs", "backend": "auto", "dtype": "auto", "load_in_4bit": False, "assistant_only_loss": False,
@@ -37,7 +38,35 @@ def test_every_old_flag_keeps_its_name_and_default():
     help_text = _parser().format_help()
     for name in OLD_FLAGS:
         assert f"--{name}" in help_text
-    assert "--task" in help_text and "--config" in help_text
+    assert "--task" in help_text and "--config" in help_text and "--learning_rate" in help_text
+
+
+def test_learning_rate_default_depends_on_the_model(tmp_path):
+    from opensloth.sft.run import EMBEDDED_SFT_LEARNING_RATE, SFT_LEARNING_RATE, default_sft_learning_rate
+
+    assert resolve_settings(_parser().parse_args([])).learning_rate == EMBEDDED_SFT_LEARNING_RATE == 1e-2
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert default_sft_learning_rate(str(other)) == SFT_LEARNING_RATE == 2e-4
+    assert default_sft_learning_rate("Qwen/Qwen3-0.6B") == 2e-4  # a hub id is never the embedded model
+    assert default_sft_learning_rate(str(REPO / "data" / "tiny-qwen3")) == 1e-2  # the same folder, spelled absolute
+    # A learning rate given on the command line or in the YAML wins over the model's default.
+    assert resolve_settings(_parser().parse_args(["--learning_rate", "3e-4"])).learning_rate == 3e-4
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 5e-5\n")
+    assert resolve_settings(_parser().parse_args(["--config", str(cfg)])).learning_rate == 5e-5
+
+
+def test_lora_settings_default_to_all_seven_linear_layers():
+    settings = resolve_settings(_parser().parse_args([]))
+    assert settings.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")
+    assert (settings.lora.r, settings.lora.alpha) == (8, 16)
+    attention = resolve_settings(_parser().parse_args(["--lora_target_modules", "q_proj", "v_proj", "--lora_r", "4"]))
+    assert attention.lora.target_modules == ("q_proj", "v_proj") and attention.lora.r == 4
+    with pytest.raises(UserInputError, match="--lora_r 0 must be"):
+        SFTSettings(lora_r=0)
 
 
 def test_yaml_then_flags(tmp_path):

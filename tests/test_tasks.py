@@ -13,6 +13,7 @@ from helpers import REPO
 from opensloth.errors import UserInputError
 from opensloth.tasks import (
     FAMILIES,
+    MIXED_KINDS,
     TASK_KINDS,
     Task,
     check_answer,
@@ -32,8 +33,10 @@ def _load_script(name: str):
 
 
 def test_registry_holds_one_spec_per_family_in_the_data_order():
-    # make_task draws a kind uniformly from this order: changing it changes every generated dataset.
-    assert TASK_KINDS == ("add", "sub", "mul", "reverse", "sort", "count", "sum_list", "copy", "prontoqa")
+    # make_task draws a kind uniformly from the mixed kinds in this order: changing it changes every generated
+    # dataset. negate is made only when asked for by name (the SFT data), so the mixed streams stay as they were.
+    assert TASK_KINDS == ("add", "sub", "mul", "reverse", "sort", "count", "sum_list", "copy", "prontoqa", "negate")
+    assert MIXED_KINDS == TASK_KINDS[:-1]
     assert all(FAMILIES[k].kind == k for k in TASK_KINDS)
     priorities = [FAMILIES[k].detect_priority for k in TASK_KINDS]
     assert len(set(priorities)) == len(priorities), "detection order must be total"
@@ -77,6 +80,37 @@ def test_prontoqa_solver_follows_chains_and_negations():
     assert solve(None, prompt.replace("Sam is a rompus.", "Sam is not a rompus.")) == "True"
     with pytest.raises(ValueError, match="does not decide"):
         solve(None, prompt.replace("Sam is a rompus.", "Sam is a gorpus."))
+
+
+def test_make_task_never_draws_negate():
+    rng = random.Random(0)
+    drawn = {make_task(rng, size=size).kind for size in (16, 20, 30) * 300}
+    assert "negate" not in drawn and {"prontoqa", "add"} <= drawn
+
+
+def test_negate_says_the_opposite():
+    assert solve(None, "Negate this statement: Max is a wumpus.") == "Max is not a wumpus."
+    assert solve(None, "Say the opposite: Every impus is not an orpus.") == "Every impus is an orpus."
+    assert solve(None, "Good. Write the opposite of this statement: Ivy is a lorpus.") == "Ivy is not a lorpus."
+    assert check_answer(None, "Negate this statement: Max is a wumpus.", "Answer: Max is not a wumpus.")
+    assert not check_answer(None, "Negate this statement: Max is a wumpus.", "Answer: Max is a wumpus.")
+    assert not check_answer(None, "Negate this statement: Max is a wumpus.", "Answer: Sam is not a wumpus.")
+    with pytest.raises(ValueError, match="no '<instruction>"):
+        solve("negate", "Negate this statement: nothing here")
+
+
+def test_negate_conversations_are_negate_only_and_mixed_ones_unchanged():
+    from opensloth.tasks import make_conversation
+
+    rng = random.Random(1)
+    for _ in range(50):
+        record = make_conversation(rng, kind="negate")
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        assert record["source"] == "negate" and all(detect_kind(u) == "negate" for u in users)
+    # kind=None draws exactly what it drew before the kind argument (and negate) existed.
+    a, b = random.Random(5), random.Random(5)
+    assert [make_conversation(a) for _ in range(20)] == [make_conversation(b, kind=None) for _ in range(20)]
+    assert all(r["source"] != "negate" for r in (make_conversation(a) for _ in range(500)))
 
 
 def test_unknown_inputs_raise():

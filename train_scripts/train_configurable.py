@@ -44,7 +44,7 @@ from opensloth.config import ArgumentParser, add_config_flags
 from opensloth.data.chat import load_chat_splits, truncation_message
 from opensloth.debug.dataloader_preview import debug_chat_dataloader_for_training
 from opensloth.errors import run_cli
-from opensloth.launch import LoraSettings, finish_run, load_model_and_tokenizer, setup_run, train_and_save
+from opensloth.launch import finish_run, load_model_and_tokenizer, setup_run, train_and_save
 from opensloth.log import log_rank0, warn_rank0
 from opensloth.patches import applied_patches
 from opensloth.patches.batch_samples import patch_optimize_sft_trainer_batch_samples
@@ -72,16 +72,19 @@ def main(argv: list[str] | None = None) -> None:
     settings = resolve_settings(build_parser().parse_args(rest))
 
     # --- setup: pre-flight (model files, data, checkpoint, output folder), Unsloth first, then ddp_patch ---
-    launch = setup_run(settings, data=data_checks(settings))
+    launch = setup_run(settings, data=data_checks(settings), lora=settings.lora)
     if settings.use_patches and settings.no_patches:
         log_rank0("--use_patches and --no_patches both given: --no_patches wins, as in the original OpenSloth")
     if not settings.no_patches:
         patch_optimize_sft_trainer_batch_samples(layout=settings.packing_layout)
 
+    log_rank0(f"learning rate {settings.learning_rate:g}; LoRA r={settings.lora_r} alpha={settings.lora_alpha} on "
+              f"{','.join(settings.lora_target_modules)}")
+
     # --- model ---
     model, tokenizer = load_model_and_tokenizer(
         settings.model_name, backend=launch.backend, max_seq_length=settings.max_seq_length, device=launch.device,
-        seed=settings.seed, dtype=settings.dtype, lora=LoraSettings(),
+        seed=settings.seed, dtype=settings.dtype, lora=settings.lora,
         gradient_checkpointing=not settings.no_gradient_checkpointing, load_in_4bit=settings.load_in_4bit,
     )
 

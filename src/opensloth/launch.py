@@ -57,9 +57,33 @@ MIXED_PRECISION_HELP = ("autocast: auto follows the weights dtype (bf16 weights 
                         "autocast over float32 weights; no: none")
 
 
+def _is_shipped(path: str, shipped: str) -> bool:
+    """Whether ``path`` is the shipped folder ``shipped`` (``data/...``), seen from the working directory or
+    from the checkout this package runs from (an editable install)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for candidate in (shipped, os.path.join(repo, shipped)):
+        try:
+            if os.path.isdir(path) and os.path.samefile(path, candidate):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def is_embedded_model(model_name: str) -> bool:
+    """Whether ``model_name`` is the shipped :data:`DEFAULT_MODEL` folder."""
+    return _is_shipped(model_name, DEFAULT_MODEL)
+
+
+def is_embedded_sft_data(dataset: str) -> bool:
+    """Whether ``dataset`` is the shipped :data:`DEFAULT_SFT_DATASET` folder."""
+    return _is_shipped(dataset, DEFAULT_SFT_DATASET)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA defaults of the original OpenSloth guide: q/k/v/o, r=8, alpha=16."""
+    """LoRA defaults of the original OpenSloth guide: q/k/v/o, r=8, alpha=16 (DPO, rollouts; SFT's own
+    defaults are ``SFTSettings.lora``: all seven linear layers)."""
 
     r: int = setting(8, "LoRA rank")
     alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)")

@@ -21,9 +21,10 @@ from opensloth.config import Section, resolve, setting
 from opensloth.data.chat import count_truncated
 from opensloth.distributed import distributed_env
 from opensloth.errors import UserInputError
-from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, LR_SCHEDULER_HELP, LR_SCHEDULERS,
-                              MAX_GRAD_NORM_HELP, WEIGHT_DECAY_HELP, check_model_source, check_optimizer_settings,
-                              model_dtype_name, training_args_kwargs)
+from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DATASET, DTYPES, LR_SCHEDULER_HELP,
+                              LR_SCHEDULERS, MAX_GRAD_NORM_HELP, WEIGHT_DECAY_HELP, LoraSettings, check_model_source,
+                              check_optimizer_settings, is_embedded_model, is_embedded_sft_data, model_dtype_name,
+                              training_args_kwargs)
 from opensloth.log import log_rank0
 from opensloth.preflight import DataCheck
 from opensloth.tasks import TASK_KINDS
@@ -31,6 +32,19 @@ from opensloth.patches.batch_samples import PATCH_NAME as BATCH_PATCH
 from opensloth.patches.unsloth_compat import check_trainer_patched
 
 PACKING_LAYOUTS = ("auto", "varlen", "rows4d", "padded")
+# LoRA on all seven linear layers, as Unsloth's notebooks do (the original OpenSloth used q/k/v/o): on the
+# embedded model they teach the negate task of the default run half again as well as q/k/v/o (data/README.md).
+SFT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# 2e-4 is the usual LoRA rate for real models; the embedded model (378k parameters, hidden size 64) needs a
+# step 50x larger to learn the negate task of its SFT data in the default 125 steps.
+SFT_LEARNING_RATE = 2e-4
+EMBEDDED_SFT_LEARNING_RATE = 1e-2
+EMBEDDED_HELDOUT_TASK = "negate"  # the kind only the shipped SFT data teaches
+
+
+def default_sft_learning_rate(model_name: str) -> float:
+    """The learning rate of a run that names none: 1e-2 for the embedded tiny model, else 2e-4."""
+    return EMBEDDED_SFT_LEARNING_RATE if is_embedded_model(model_name) else SFT_LEARNING_RATE
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,16 @@ class SFTSettings:
     eval_steps: int | None = setting(None, "evaluate every N steps (default: --logging_steps x 5)")
     eval_batch_size: int | None = setting(None, "per-device eval batch (default: the train one); 1 makes eval_loss "
                                                 "independent of the world size, since Trainer averages per-batch means")
-    learning_rate: float = setting(2e-4, "peak learning rate (decayed by --lr_scheduler_type)")
+    learning_rate: float | None = setting(None, "peak learning rate (decayed by --lr_scheduler_type). Default: "
+                                                f"{SFT_LEARNING_RATE:g}, the usual LoRA rate for real models; "
+                                                f"{EMBEDDED_SFT_LEARNING_RATE:g} for the embedded {DEFAULT_MODEL} "
+                                                "(hidden size 64), which learns next to nothing in 125 steps at "
+                                                f"{SFT_LEARNING_RATE:g}")
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_target_modules: tuple[str, ...] = setting(SFT_LORA_TARGETS, "linear layers that get LoRA adapters: all "
+                                                   "seven by default, as in Unsloth's notebooks (the original "
+                                                   "OpenSloth used q_proj k_proj v_proj o_proj)")
     warmup_steps: int = setting(0, "linear warmup steps")
     lr_scheduler_type: str = setting("linear", LR_SCHEDULER_HELP, choices=LR_SCHEDULERS)
     weight_decay: float = setting(0.0, WEIGHT_DECAY_HELP)
@@ -98,11 +121,17 @@ class SFTSettings:
     heldout_exact: int = setting(48, "greedy exact-match before and after training on the first N held-out prompts "
                                      "whose task opensloth.tasks can check (0: off)")
     heldout_task: str | None = setting(None, "only count held-out prompts of this task kind for exact-match "
-                                             "(default: every kind opensloth.tasks recognises)")
+                                             "(default: every kind opensloth.tasks recognises; 'negate' on the "
+                                             "shipped data/sft, the kind its base model never learned)")
 
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise UserInputError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8")
+        if self.learning_rate is None:  # the model's default (frozen dataclass: set once, here)
+            object.__setattr__(self, "learning_rate", default_sft_learning_rate(self.model_name))
+        if self.heldout_task is None and is_embedded_sft_data(self.dataset):
+            # The shipped data's new skill (the base model was never taught it): what the summary shows learned.
+            object.__setattr__(self, "heldout_task", EMBEDDED_HELDOUT_TASK)
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise UserInputError(f"--learning_rate {self.learning_rate} must be a number > 0 (e.g. 2e-4)")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -129,14 +158,28 @@ class SFTSettings:
         if self.heldout_task is not None and self.heldout_task not in TASK_KINDS:
             raise UserInputError(f"--heldout_task {self.heldout_task!r} is not a task kind; choose one of "
                                  f"{', '.join(TASK_KINDS)}")
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"--{name} {getattr(self, name)} must be an integer >= 1")
+        if not self.lora_target_modules:
+            raise UserInputError("--lora_target_modules is empty; name layers such as q_proj k_proj v_proj o_proj")
         check_optimizer_settings(self)
+
+    @property
+    def lora(self) -> LoraSettings:
+        """The adapter these settings describe."""
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, target_modules=self.lora_target_modules)
 
 
 SECTIONS = (Section(None, SFTSettings),)
 
 
 def resolve_settings(args) -> SFTSettings:
-    """Defaults < YAML (``args.config``) < the flags given on the command line; the model path is checked."""
+    """Defaults < YAML (``args.config``) < the flags given on the command line; the model path is checked.
+
+    A run without a learning rate gets :func:`default_sft_learning_rate` of its final model
+    (:class:`SFTSettings` resolves it when built).
+    """
     (settings,) = resolve(args, SECTIONS)
     check_model_source(settings.model_name)
     return settings

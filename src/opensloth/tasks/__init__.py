@@ -5,7 +5,7 @@ Everything here is pure Python (stdlib only) and driven by a caller-owned
 Each family is one :class:`~opensloth.tasks.base.TaskFamily` spec in the
 registry :data:`~opensloth.tasks.registry.FAMILIES` (:mod:`~opensloth.tasks.arithmetic`,
 :mod:`~opensloth.tasks.strings`, :mod:`~opensloth.tasks.lists`,
-:mod:`~opensloth.tasks.prontoqa`); :mod:`~opensloth.tasks.records` makes chat
+:mod:`~opensloth.tasks.prontoqa`, :mod:`~opensloth.tasks.negate`); :mod:`~opensloth.tasks.records` makes chat
 and preference records of them and :mod:`~opensloth.tasks.task_data` the
 prompt sets of an OaK-DPO run.
 ``scripts/make_sample_data.py`` turns these tasks into the shipped chat SFT and
@@ -30,6 +30,9 @@ Kinds (:data:`TASK_KINDS`):
 - ``prontoqa``: ProntoQA-style true/false reasoning over made-up categories
   ("Every wumpus is a yumpus. Max is a wumpus. True or false: Max is a
   yumpus.") with a short chain of thought.
+- ``negate``: say the opposite of one such sentence ("Max is a wumpus." ->
+  "Max is not a wumpus."). Made only when asked for by name (the SFT data),
+  never by ``make_task(kind=None)``: it is not in :data:`MIXED_KINDS`.
 
 Lengths: :func:`~opensloth.tasks.base.sample_size` draws a lognormal size in tokens; every
 generator takes such a ``size`` and picks its parameters (digits, list length,
@@ -53,6 +56,7 @@ from opensloth.tasks.base import (
 from opensloth.tasks.records import make_conversation, make_preference_pair
 from opensloth.tasks.registry import (
     FAMILIES,
+    MIXED_KINDS,
     TASK_KINDS,
     check_answer,
     detect_kind,
@@ -65,6 +69,7 @@ from opensloth.tasks.registry import (
 __all__ = [
     "ANSWER_PREFIX",
     "FAMILIES",
+    "MIXED_KINDS",
     "TASK_KINDS",
     "Task",
     "TaskFamily",

@@ -119,6 +119,9 @@ class TaskFamily:
             output in characters and :func:`opensloth.tasks.make_task` converts a token size with it.
         max_size: rough largest size (tokens) the family reaches; a large size is
             only given to families that can grow that far.
+        mixed: drawn by ``make_task(kind=None)`` (the mixed streams: tokenizer
+            corpus, pretraining, preference pairs, mixed SFT records); ``False``
+            for a family made only when asked for by name (``negate``, SFT data).
     """
 
     kind: str
@@ -129,3 +132,4 @@ class TaskFamily:
     wrong_response: Callable[[random.Random, Task], str]
     tokens_per_char: float
     max_size: int
+    mixed: bool = True

@@ -20,13 +20,19 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
 _FOLLOW_UP_PREFIXES = ("", "", "Next one. ", "Thanks! Now this: ", "Good. ", "One more: ")
 
 
-def make_conversation(rng: random.Random) -> dict:
+def make_conversation(rng: random.Random, kind: str | None = None) -> dict:
     """One chat SFT record in the ``messages`` format of trl-lib/Capybara.
 
     About 30% carry a system message; 70% are one turn, 20% two and 10% three
     turns, each turn a fresh task (often of the same kind). Every assistant
     turn ends with ``Answer: <value>`` and is checkable against the user turn
     before it with :func:`check_answer`.
+
+    Args:
+        rng: the random source (the caller owns the seed).
+        kind: make every turn this kind (e.g. ``"negate"``). ``None`` mixes the
+            :data:`~opensloth.tasks.registry.MIXED_KINDS` and draws exactly what
+            it drew before ``kind`` existed, so the shipped mixed streams are unchanged.
 
     Returns:
         ``{"messages": [{"role", "content"}, ...], "source": <kind of the first task>}``.
@@ -41,10 +47,10 @@ def make_conversation(rng: random.Random) -> dict:
         size = sample_size(rng)
         if turn and size > budget:
             break
-        kind = None
-        if first_kind is not None and rng.random() < 0.5:
-            kind = first_kind if FAMILIES[first_kind].max_size >= size else None
-        task = make_task(rng, kind=kind, size=size)
+        turn_kind = kind
+        if kind is None and first_kind is not None and rng.random() < 0.5:
+            turn_kind = first_kind if FAMILIES[first_kind].max_size >= size else None
+        task = make_task(rng, kind=turn_kind, size=size)
         first_kind = first_kind or task.kind
         prefix = rng.choice(_FOLLOW_UP_PREFIXES) if turn else ""
         messages.append({"role": "user", "content": prefix + task.prompt})

@@ -7,7 +7,9 @@ Everything else -- :func:`make_task`, the verifier :func:`check_answer`,
 through the registry.
 
 The order of :data:`FAMILIES` is part of the data: :func:`make_task` draws a
-kind uniformly from it, so reordering changes every generated dataset.
+kind uniformly from its :data:`MIXED_KINDS`, so reordering changes every
+generated dataset. A family with ``mixed=False`` (``negate``) is made only when
+asked for by name and leaves the mixed streams unchanged.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ import random
 from opensloth.tasks.arithmetic import ADD, MUL, SUB
 from opensloth.tasks.base import Task, TaskFamily, extract_answer, normalize_answer, sample_size
 from opensloth.tasks.lists import COPY, SORT, SUM_LIST
+from opensloth.tasks.negate import NEGATE
 from opensloth.tasks.prontoqa import PRONTOQA
 from opensloth.tasks.strings import COUNT, REVERSE
 
-FAMILIES: dict[str, TaskFamily] = {f.kind: f for f in (ADD, SUB, MUL, REVERSE, SORT, COUNT, SUM_LIST, COPY, PRONTOQA)}
+FAMILIES: dict[str, TaskFamily] = {f.kind: f for f in (ADD, SUB, MUL, REVERSE, SORT, COUNT, SUM_LIST, COPY, PRONTOQA,
+                                                        NEGATE)}
 TASK_KINDS: tuple[str, ...] = tuple(FAMILIES)
+# The kinds make_task(kind=None) draws from, in this order: every mixed stream (tokenizer corpus,
+# pretraining, preference pairs, mixed SFT records) is made of these.
+MIXED_KINDS: tuple[str, ...] = tuple(k for k, f in FAMILIES.items() if f.mixed)
 # Prompts are matched against the most specific marker first.
 _DETECTION_ORDER = sorted(FAMILIES.values(), key=lambda f: f.detect_priority)
 
-__all__ = ["FAMILIES", "TASK_KINDS", "check_answer", "detect_kind", "family", "make_task", "make_wrong_response",
+__all__ = ["FAMILIES", "MIXED_KINDS", "TASK_KINDS", "check_answer", "detect_kind", "family", "make_task", "make_wrong_response",
            "solve"]
 
 
@@ -43,7 +50,7 @@ def make_task(rng: random.Random, kind: str | None = None, size: int | None = No
     Args:
         rng: the random source (the caller owns the seed).
         kind: one of :data:`TASK_KINDS`; ``None`` picks one uniformly among the
-            kinds that can reach ``size``.
+            :data:`MIXED_KINDS` that can reach ``size``.
         size: target tokens of prompt plus response (approximate, see
             :mod:`opensloth.tasks`); ``None`` draws one with :func:`sample_size`.
 
@@ -56,7 +63,7 @@ def make_task(rng: random.Random, kind: str | None = None, size: int | None = No
     if size is None:
         size = sample_size(rng)
     if kind is None:
-        candidates = [k for k in TASK_KINDS if FAMILIES[k].max_size >= size] or ["copy", "sum_list"]
+        candidates = [k for k in MIXED_KINDS if FAMILIES[k].max_size >= size] or ["copy", "sum_list"]
         kind = rng.choice(candidates)
     spec = family(kind)
     return spec.generate(rng, int(size / spec.tokens_per_char))
