@@ -148,3 +148,21 @@ def test_count_truncated_reports_what_the_trainer_cuts(tokenizer):
     line = truncation_message(report)
     assert f"{report['truncated']} of 40" in line and f"longest: {max(lengths)}" in line and "--max_seq_length" in line
     assert truncation_message(count_truncated(raw, tokenizer, max(lengths))) is None
+
+
+def test_count_truncated_reads_prompt_completion_rows(tokenizer):
+    """TRL's prompt/completion layout (the OaK warm-up's data) is counted joined; other layouts are not counted."""
+    import datasets
+
+    from opensloth.data.chat import count_truncated
+
+    texts = datasets.Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": " Answer: 4" * n} for n in (1, 40)])
+    joined = [len(tokenizer(p + c)["input_ids"]) for p, c in zip(texts["prompt"], texts["completion"])]
+    assert count_truncated(texts, tokenizer, min(joined)) == {"records": 2, "truncated": 1, "longest": max(joined),
+                                                              "max_seq_length": min(joined)}
+    turn = [{"role": "user", "content": "Hi"}]
+    chats = datasets.Dataset.from_list([{"prompt": turn, "completion": [{"role": "assistant", "content": "Hello"}]}])
+    whole = len(tokenizer.apply_chat_template(turn + [{"role": "assistant", "content": "Hello"}], tokenize=True,
+                                              return_dict=True)["input_ids"])
+    assert count_truncated(chats, tokenizer, whole - 1)["truncated"] == 1
+    assert count_truncated(datasets.Dataset.from_list([{"question": "x"}]), tokenizer, 8) is None

@@ -41,7 +41,8 @@ if not (TINY_MODEL.is_dir() and SFT_DATA.is_dir()):
 SCRIPT = str(REPO / "train_scripts" / "train_configurable.py")
 FAULT = str(REPO / "tests" / "fault_inject.py")
 COMMON = ["--backend", "hf", "--dtype", "float32", "--max_steps", "4", "--save_steps", "2", "--global_batch_size", "8",
-          "--max_seq_length", "64", "--train_samples", "64", "--learning_rate", "1e-2"]
+          "--max_seq_length", "64", "--train_samples", "64", "--learning_rate", "1e-2", "--heldout_samples", "0",
+          "--heldout_exact", "0"]
 
 
 def _free_port() -> int:
@@ -79,7 +80,7 @@ def runs(tmp_path_factory):
     disk = _start([sys.executable, FAULT, "enospc:checkpoint-4/optimizer.pt", SCRIPT, *one, "--output_dir", str(out),
                    "--experiment_name", "disk"], out / "disk.log")
     logs = {"disk": _finish(disk, out / "disk.log", expect=2)}
-    after_fault = {name: sorted(p.name for p in (out / "disk_ws1" / name).iterdir())
+    after_fault = {name: sorted(p.name for p in (out / "disk_ws1_nopatches" / name).iterdir())
                    for name in ("checkpoint-2", "checkpoint-4")}
 
     def node_args(node, output, resume=()):
@@ -117,7 +118,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_last_skips_the_partial_checkp
     assert len(errors) == 1 and "Traceback" not in log, log[-3000:]
     assert "checkpoint-4" in errors[0] and "No space left on device" in errors[0]
     assert "--resume_from_checkpoint last" in errors[0]
-    run_dir = out / "disk_ws1"
+    run_dir = out / "disk_ws1_nopatches"
     from opensloth.checkpoint import MARKER_FILE, is_complete
 
     left = runs["after_fault"]  # what the failed run left behind
@@ -130,14 +131,14 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_last_skips_the_partial_checkp
 
 
 def test_resume_after_the_fault_reproduces_the_uninterrupted_losses_exactly(runs):
-    ref, resumed = _losses(runs["out"] / "ref_ws1"), _losses(runs["out"] / "disk_ws1")
+    ref, resumed = _losses(runs["out"] / "ref_ws1_nopatches"), _losses(runs["out"] / "disk_ws1_nopatches")
     assert sorted(ref) == [1, 2, 3, 4]
     assert resumed == ref  # 1 rank, patches off, from mid-epoch: bit for bit
 
 
 def test_two_launchers_with_node_local_caches_match_one_process(runs):
     out, rank0 = runs["out"], runs["rank0"]
-    ref, nodes = _losses(out / "ref_ws1"), _losses(out / f"node{rank0}" / "nodes_ws2")
+    ref, nodes = _losses(out / "ref_ws1_nopatches"), _losses(out / f"node{rank0}" / "nodes_ws2")
     assert sorted(nodes) == [1, 2, 3, 4]
     assert [nodes[s] for s in sorted(ref)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-5)
     for node in (0, 1):

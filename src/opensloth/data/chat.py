@@ -343,11 +343,19 @@ def load_chat_splits(
 def count_truncated(ds, tokenizer, max_seq_length: int, batch_size: int = 512) -> dict:
     """How many SFT records are longer than ``max_seq_length`` tokens (the trainer keeps their start only).
 
-    ``ds`` has a ``messages`` (chat template applied, as TRL does) or a
-    ``text`` column. Tokenizes every record once, in batches. Returns
-    ``{"records", "truncated", "longest", "max_seq_length"}``.
+    ``ds`` has a ``messages`` column (chat template applied, as TRL does), a
+    ``text`` column, or TRL's ``prompt``/``completion`` pair (strings or
+    message lists, counted joined). Tokenizes every record once, in batches.
+    Returns ``{"records", "truncated", "longest", "max_seq_length"}``, or
+    None for any other layout (nothing to count the way TRL will tokenize).
     """
-    column = "messages" if "messages" in ds.column_names else "text"
+    names = ds.column_names
+    if "messages" in names or "text" in names:
+        column = "messages" if "messages" in names else "text"
+    elif "prompt" in names and "completion" in names:
+        column = "prompt_completion"
+    else:
+        return None
     # The tokenizer's "sequence longer than the model's maximum ... indexing errors" warning would be
     # misleading here: the trainer truncates, and this count is what the user sees instead.
     warned = getattr(tokenizer, "deprecation_warnings", None)
@@ -355,8 +363,13 @@ def count_truncated(ds, tokenizer, max_seq_length: int, batch_size: int = 512) -
         warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     truncated = longest = 0
     for start in range(0, len(ds), batch_size):
-        rows = ds[start:start + batch_size][column]
-        if column == "messages":
+        if column == "prompt_completion":
+            batch = ds[start:start + batch_size]
+            rows = [p + c for p, c in zip(batch["prompt"], batch["completion"])]
+            column_kind = "messages" if rows and isinstance(rows[0], list) else "text"
+        else:
+            rows, column_kind = ds[start:start + batch_size][column], column
+        if column_kind == "messages":
             ids = tokenizer.apply_chat_template(rows, tokenize=True, return_dict=True)["input_ids"]
         else:
             ids = tokenizer(rows, add_special_tokens=True)["input_ids"]
