@@ -10,6 +10,7 @@ from helpers import REPO, TINY_MODEL, run
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_build_script_reproduces_shipped_model(tmp_path):
     from safetensors.torch import load_file
 

@@ -111,6 +111,7 @@ def test_sequence_logp_matches_token_by_token_sum():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_quick_run_outputs(tmp_path):
     out = tmp_path / "out"
     proc = run(["python", SCRIPT, "--quick", "--out_dir", str(out)], timeout=900)

@@ -49,6 +49,7 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sanity_matrix_script_passes(tmp_path):
     """The full matrix (SFT + DPO, 1/2/4 ranks, the reference config), short: exits 0 and draws the figure."""
     from helpers import clean_env

@@ -140,6 +140,7 @@ def test_exact_match_uses_the_task_verifier(tmp_path, tiny):
     assert (result["exact_match"], result["n_exact"]) == (0.0, 3)
     result = evaluate_heldout(right, tokenizer, path, n_loss=0, n_exact=10, batch_size=1)
     assert result["exact_by_kind"] == {"add": 1.0, "reverse": 1.0, "sub": 1.0} and result["n_exact"] == 4
+    assert result["example_prompt"] == records[0]["messages"][0]["content"]  # the summary's chat example
     with pytest.raises(UserInputError, match="not a known task kind"):
         evaluate_heldout(right, tokenizer, path, task="poetry")
 

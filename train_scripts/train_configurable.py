@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                              resume_from_checkpoint=launch.resume_from_checkpoint)
     after = evaluate_heldout_for_summary(model, tokenizer, settings, heldout)
     finish_run(trainer, launch, task="SFT", seconds=elapsed, heldout=(before, after),
-               heldout_what=f"{after['n']} conversations of {heldout}" if after else "")
+               heldout_what=f"{after['n']} conversations of {heldout}" if after else "",
+               example_prompt=(after or {}).get("example_prompt"))
 
 
 if __name__ == "__main__":

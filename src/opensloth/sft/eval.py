@@ -31,7 +31,7 @@ from opensloth.errors import UserInputError
 __all__ = ["HeldoutResult", "evaluate_heldout", "exact_match_prompts", "greedy_replies", "heldout_loss_sums",
            "read_heldout_records"]
 
-HeldoutResult = dict  # {"loss", "assistant_loss", "tokens", "n", "exact_match", "n_exact", "task", "exact_by_kind"}
+HeldoutResult = dict  # see evaluate_heldout
 
 
 def read_heldout_records(dataset_path: str, split: str = "test") -> list[dict]:
@@ -183,7 +183,8 @@ def evaluate_heldout(model, tokenizer, dataset_path: str, *, n_loss: int | None 
             and every rank gets the gathered result (call it on every rank, or with a 1-rank ``env``).
 
     Returns:
-        ``{"loss", "assistant_loss", "tokens", "n", "exact_match", "n_exact", "task", "exact_by_kind"}``;
+        ``{"loss", "assistant_loss", "tokens", "n", "exact_match", "n_exact", "task", "exact_by_kind",
+        "example_prompt"}`` (the first exact-match prompt);
         ``loss`` is None when ``n_loss`` is 0, ``exact_match`` when no prompt was answered.
 
     Raises:
@@ -232,4 +233,5 @@ def evaluate_heldout(model, tokenizer, dataset_path: str, *, n_loss: int | None 
         "n_exact": len(verdicts),
         "task": task,
         "exact_by_kind": {k: v[0] / v[1] for k, v in sorted(by_kind.items())},
+        "example_prompt": pairs[0][1] if pairs else None,  # for the summary's chat command
     }
