@@ -35,7 +35,9 @@ def _base_plus_adapter(adapter_dir):
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
-@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("bfloat16", 3e-2), ("float16", 5e-3)])
+# bf16 rounds each weight to 2^-8 relative; through 4 layers of the pretrained base (0.25-std embeddings)
+# the largest logit moves by up to 4.7% of itself (measured 0.047; it passed 3e-2 on the earlier base).
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("bfloat16", 6e-2), ("float16", 5e-3)])
 def test_merged_logits_equal_base_plus_adapter(adapter, tmp_path, dtype, rtol):
     import torch
     from transformers import AutoModelForCausalLM

@@ -315,7 +315,8 @@ def check_data(check: DataCheck) -> None:
         return
     prepared = PREFERENCE_FORMATS["prepared"]
     if check.kind == "preference" and check.fmt in ("auto", "prepared") and prepared.claims_path(check.source):
-        prepared.load_path(check.source, name=check.source, split=check.split, as_messages=False)  # raises
+        prepared.load_path(check.source, name=check.source, split=check.split, as_messages=False,
+                           hh_parser="shared_prefix")  # raises
     summary = inspect_source(check.source, check.split)
     if summary is None:
         return

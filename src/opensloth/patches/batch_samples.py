@@ -705,7 +705,7 @@ def _balanced_step(trainer, inner, epoch_iterator, num_batches, device, settings
             "the gradient. Run with --no_patches for this model."
         )
 
-    drawn_cost = max(sum(padded_cost([lengths[p] for p in mb]) for mb in rank_mbs) for rank_mbs in drawn)
+    drawn_cost = max(sum(padded_cost([lengths[p] for p in mb], coef) for mb in rank_mbs) for rank_mbs in drawn)
     stats.steps += 1
     stats.real_tokens += sum(lengths)
     stats.slowest_rank_cost += max(plan.rank_loads)

@@ -27,6 +27,7 @@ import os
 
 from opensloth.distributed import DistEnv, all_gather_object_list, distributed_env
 from opensloth.errors import UserInputError
+from opensloth.tasks import TASK_KINDS, check_answer, detect_kind
 
 __all__ = ["HeldoutResult", "evaluate_heldout", "exact_match_prompts", "greedy_replies", "heldout_loss_sums",
            "read_heldout_records"]
@@ -65,8 +66,6 @@ def exact_match_prompts(records: list[dict], task: str | None = None) -> list[tu
     The kind of a record is its first user prompt's kind (``detect_kind``);
     ``task=None`` keeps every record whose kind is recognised.
     """
-    from opensloth.tasks import detect_kind
-
     out = []
     for record in records:
         messages = record["messages"]
@@ -191,8 +190,6 @@ def evaluate_heldout(model, tokenizer, dataset_path: str, *, n_loss: int | None 
         UserInputError: the data is missing or malformed, or ``task`` is not a known kind.
     """
     import torch
-
-    from opensloth.tasks import TASK_KINDS, check_answer, detect_kind
 
     if task is not None and task not in TASK_KINDS:
         raise UserInputError(f"held-out task {task!r} is not a known task kind; choose one of {', '.join(TASK_KINDS)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import math
 import os
+import time
 
 from opensloth.cache.wrapper import DATA_REPORT, sft_dataset_kwargs
 from opensloth.cache.coordination import BUILDER_MODES
@@ -27,6 +28,7 @@ from opensloth.launch import (FSDP_HELP, BACKENDS, DEFAULT_MODEL, DEFAULT_SFT_DA
                               training_args_kwargs)
 from opensloth.log import log_rank0
 from opensloth.preflight import DataCheck
+from opensloth.sft.eval import evaluate_heldout
 from opensloth.tasks import TASK_KINDS
 from opensloth.patches.batch_samples import PATCH_NAME as BATCH_PATCH
 from opensloth.patches.unsloth_compat import check_trainer_patched
@@ -209,10 +211,6 @@ def evaluate_heldout_for_summary(model, tokenizer, settings: SFTSettings, path: 
     """:func:`opensloth.sft.eval.evaluate_heldout` with the run's settings, on every rank (each scores a share)."""
     if path is None:
         return None
-    import time
-
-    from opensloth.sft.eval import evaluate_heldout
-
     start = time.perf_counter()
     result = evaluate_heldout(model, tokenizer, path, n_loss=settings.heldout_samples,
                               n_exact=settings.heldout_exact, task=settings.heldout_task,
