@@ -87,7 +87,10 @@ def test_old_config_one_rank_equals_two_ranks_with_same_batch_beta(runs):
     for a, b in zip(one, two):
         assert (a["phase"], a["p_hat"], a["risk_over"]) == (b["phase"], b["p_hat"], b["risk_over"])
         assert b["beta_used"] == pytest.approx(a["beta_used"], rel=1e-6)
-        assert b["tau"] == pytest.approx(a["tau"], rel=1e-5) if a["tau"] is not None else b["tau"] is None
+        # tau is a quantile of margins, differences of float32 sums of per-token log-probs: the reduction order
+        # of 1 vs 2 ranks moves them by ~1e-5 absolute (measured 1.3e-5 on the pretrained base, 8e-5
+        # relative to tau 0.16), so the tolerance is absolute; beta and p_hat above stay identical.
+        assert b["tau"] == pytest.approx(a["tau"], rel=1e-5, abs=5e-5) if a["tau"] is not None else b["tau"] is None
     dynamic = [r for r in one if r["phase"] == "dynamic"]
     assert len(dynamic) == 2 and all(r["beta_used"] == r["beta_next"] != 0.1 for r in dynamic)  # same batch
     # full fine-tuning: the whole model is saved, no adapter

@@ -39,7 +39,7 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 
-from opensloth.cache.store import inspect_prepared
+from opensloth.cache.store import inspect_prepared, is_legacy_prepared
 from opensloth.checkpoint import resolve_resume
 from opensloth.data.chat import chat_columns_problem
 from opensloth.data.errors import DatasetFormatError, MissingColumnsError
@@ -307,6 +307,8 @@ def check_data(check: DataCheck) -> None:
         UserInputError (DatasetSourceError, DatasetFormatError, MissingColumnsError).
     """
     if check.kind == "prepared":
+        if is_legacy_prepared(check.source):
+            return  # the original OpenSloth's train/ + val/ folder: checked against the tokenizer when it loads
         status = inspect_prepared(check.source)
         if not status.ok:
             raise UserInputError(f"--prepared_dataset_path {check.source!r} is not usable: {status.reason}"
