@@ -10,9 +10,9 @@ Steps (each a plain command, printed before it runs):
    embedded generator (one or two rules, short answers ``Answer: True``):
    4000 SFT chats, 512 rollout prompts, 200 held-out prompts never seen in
    training.
-2. ``scripts/oak_warmup_sft.py``: 195 steps of full-weight SFT of
+2. ``scripts/oak_warmup_sft.py``: 15 steps of full-weight SFT of
    ``data/tiny-qwen3`` (why not LoRA: see that module). The result answers in
-   the right format and is near chance on the logic.
+   the right format and leans the right way on the logic (0.72 greedy).
 3. ``train_scripts/run_oak_dpo.py`` twice from that SFT model, 3 iterations
    each, 4 samples per prompt, verifier judge:
    (a) ``examples/config_oak_dpo.yaml``: fixed beta, DPO + NLL of the chosen reply;
@@ -45,8 +45,8 @@ CPU cores, no GPU. The loop itself is `train_scripts/run_oak_dpo.py` (the demo p
   ("Every wumpus is not a yumpus. Max is a wumpus. True or false: Max is a yumpus."), short-answer
   subset (the reply is `Answer: True` or `Answer: False`); chance is 50%. 4000 SFT chats, 512
   rollout prompts, 200 held-out prompts that occur in neither.
-- **SFT policy**: `data/tiny-qwen3` after 195 steps of full-weight SFT (`scripts/oak_warmup_sft.py`,
-  batch 32, lr 3e-3). It answers in the right format and is at chance on the logic.
+- **SFT policy**: `data/tiny-qwen3` after 15 steps of full-weight SFT (`scripts/oak_warmup_sft.py`,
+  batch 32, lr 3e-3). It answers in the right format and leans the right way: 0.72 greedy, 0.61 sampled.
 - **Each iteration**: 4 candidates per rollout prompt at temperature 1 from the current policy,
   verifier judge, best vs worst candidate (ties skipped and counted), one epoch of LoRA DPO (q/k/v/o,
   r 8, lr 2e-3, 16 pairs per step) on top of the SFT weights; the reference is the SFT policy.
@@ -68,38 +68,38 @@ CPU cores, no GPU. The loop itself is `train_scripts/run_oak_dpo.py` (the demo p
 
 What the numbers say:
 
-- With DPO + NLL the held-out accuracy rises in every iteration. The greedy answer jumps from chance to
-  (almost) always right after the first round: the SFT model leans the right way on most prompts by a
-  small margin, and once DPO pushes that margin past zero the greedy answer flips for whole classes of
-  prompts at once. The sampled accuracy, the probability of a right answer, climbs steadily; there is
-  room left after three rounds.
-- Plain DPO also flips the greedy answer in round 1, then falls apart: after round 3 more than half of
-  the sampled answers continue `Answer:` with random tokens instead of `True` or `False`. DPO only
-  separates chosen from rejected and lets both lose probability (likelihood displacement); in this
-  64-wide model the freed mass spreads over the whole vocabulary. The NLL
+- With DPO + NLL the greedy answer is (almost) always right after the first round: the SFT model
+  leans the right way on most prompts by a small margin, and once DPO pushes that margin past zero the
+  greedy answer flips for whole classes of prompts at once. The sampled accuracy, the probability of a
+  right answer, climbs from 0.61 to 0.95 in two rounds; in round 3 almost every prompt's four samples
+  agree (456 of 512 are ties), so only 56 pairs are left and it moves no further (0.92).
+- Plain DPO with dynamic beta gains as much in round 1, then loses it: by round 3 the greedy accuracy
+  is back at the SFT policy's. DPO only separates chosen from rejected and lets both lose probability
+  (likelihood displacement); in this 64-wide model the freed mass spreads over other tokens. The NLL
   term on the chosen reply (RPO, as in iterative reasoning preference optimisation) keeps the chosen
   answers likely. The dynamic-beta controller supports the plain sigmoid loss only, so run (a) uses a
   fixed beta.
-- On 2 ranks (`--nproc 2`, measured once: 93 s in total) iteration 1 sees exactly the same rollouts
-  (same 452 pairs, same mean score 0.507: candidate seeds do not depend on the world size); the DPO
-  rounds then differ in the last digits (bf16, reduction order). Run (a) on 2 ranks: sampled accuracy
-  0.529, 0.596, 0.621, 0.649.
+- On 2 ranks (`--nproc 2`, measured once on the earlier base: 93 s in total) iteration 1 saw exactly
+  the same rollouts as on 1 rank (same pairs, same mean score: candidate seeds do not depend on the
+  world size); the DPO rounds then differ in the last digits (bf16, reduction order).
 
 What did not work (exploratory runs, transformers + PEFT backend, float32):
 
-- **LoRA SFT of the tiny model** (`train_configurable.py`, 150 steps, lr 2e-3): loss 7.37 to 6.84 with
-  entropy 7.61 nats, about ln 2048: the most likely next token has probability 0.002. With frozen tied
-  embeddings of standard deviation 0.02 and hidden size 64 the logits cannot exceed about 1.3, so
-  sampled candidates are noise. Hence the full-weight warm-up; a pretrained model has no such limit.
+- **LoRA SFT of the earlier, random-init tiny model** (`train_configurable.py`, 150 steps, lr 2e-3):
+  loss 7.37 to 6.84 with entropy 7.61 nats, about ln 2048, so sampled candidates were noise. Hence the
+  full-weight warm-up, kept with the pretrained base because it reaches a "partly right" policy in 15
+  steps.
 - **One-digit addition** (`--kind add --max-operand-digits 1`): SFT to 0.375 greedy / 0.133 sampled;
   three rounds of DPO (lr 1e-3 to 3e-3, 4 or 8 samples, with and without NLL, LoRA on attention or on
   all linear layers) kept the sampled accuracy at 0.11-0.15 and moved the greedy accuracy between 0.17
   and 0.41. The sums live in the MLPs and the answers spread over 19 values; ~200 pairs per round of LoRA
   DPO are too weak a signal for this model. More pairs per round, a larger model or full-weight DPO are
   the likely fixes.
-- **Where the SFT stops matters**: the tiny model learns the true/false rule abruptly, around step 200
-  (190 steps: 0.50 greedy / 0.52 sampled; 200: 0.975 / 0.54; 210: 1.0 / 0.69). "Partly right" here
-  means "leans the right way with little confidence", which is what the DPO rounds then sharpen.
+- **Where the SFT stops matters**: the pretrained base learns the true/false rule abruptly (warm-up
+  steps -> greedy / sampled held-out accuracy: 10 -> 0.50 / 0.58, 15 -> 0.72 / 0.61, 20 -> 0.82 / 0.71,
+  25 -> 1.0 / 0.86, 30 -> 1.0 / 0.97). At 195 steps, the earlier base's choice, the policy is always right
+  and every rollout is a tie: no pairs. "Partly right" means "leans the right way with little
+  confidence", which is what the DPO rounds then sharpen.
 """
 
 RUNS = {
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/oak_demo", help="work folder (removed and recreated)")
     p.add_argument("--nproc", type=int, default=1, help="ranks of the DPO loop (torchrun, gloo on CPU)")
     p.add_argument("--iterations", type=int, default=3, help="rollout + DPO rounds per run")
-    p.add_argument("--sft-steps", type=int, default=195, help="full-weight SFT warm-up steps")
+    p.add_argument("--sft-steps", type=int, default=15, help="full-weight SFT warm-up steps")
     p.add_argument("--backend", default="auto", help="backend of the loop: auto (unsloth if installed), unsloth, hf")
     p.add_argument("--update-docs", action="store_true",
                    help="write docs/img/oak_accuracy*.png and the oak_dpo section of docs/benchmarks.md")
