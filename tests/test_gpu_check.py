@@ -31,7 +31,6 @@ def _check(tmp_path, *extra, timeout=900):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_dry_run_runs_every_stage_and_writes_results(tmp_path):
     proc, out, res = _check(tmp_path)
     assert res is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
