@@ -18,6 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "data" / "tiny-qwen3"
 SFT_DATA = REPO / "data" / "sft"
 PREF_DATA = REPO / "data" / "preference"
+# The same places as strings, for the data-loader tests.
+TOKENIZER_DIR = str(TINY_MODEL)
+SFT_DIR = str(SFT_DATA)
+PREF_TRAIN = str(PREF_DATA / "train.jsonl")
+HH_SAMPLE = str(REPO / "data" / "formats" / "hh_sample.jsonl")
+JUDGED_SAMPLE = str(REPO / "data" / "formats" / "judged_rollouts.jsonl")
+# Five batches of eight margins from section 2.6 of the dynamic-DPO reference study, exact in float32.
+REFERENCE_MARGIN_STREAM = [
+    [0.0, 0.5, -0.25, 1.0, 0.125, -0.5, 0.75, 0.25],
+    [0.375, -0.125, 1.5, 0.0, 0.625, -0.75, 0.25, 2.0],
+    [1.25, 0.5, 3.0, -0.25, 0.875, 2.5, 0.0, 1.75],
+    [-1.0, -0.5, 0.0, 0.25, -0.25, 0.125, -0.125, 0.5],
+    [0.5, 0.25, 2.25, 1.0, 0.75, 0.0, 1.5, 0.25],
+]
 HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
 
 requires_unsloth = pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth is not installed (hf path still tested)")

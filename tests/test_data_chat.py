@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from helpers import REPO
-
-ROOT = str(REPO)
-TOKENIZER_DIR = os.path.join(ROOT, "data", "tiny-qwen3")
-SFT_DIR = os.path.join(ROOT, "data", "sft")
-PREF_TRAIN = os.path.join(ROOT, "data", "preference", "train.jsonl")
-HH_SAMPLE = os.path.join(ROOT, "data", "formats", "hh_sample.jsonl")
-JUDGED_SAMPLE = os.path.join(ROOT, "data", "formats", "judged_rollouts.jsonl")
+from helpers import SFT_DIR
 
 
 # ---- chat ------------------------------------------------------------------

@@ -8,14 +8,9 @@ import sys
 
 import pytest
 
-from helpers import REPO, write_lines
+from helpers import REPO, SFT_DIR, write_lines
 
 ROOT = str(REPO)
-TOKENIZER_DIR = os.path.join(ROOT, "data", "tiny-qwen3")
-SFT_DIR = os.path.join(ROOT, "data", "sft")
-PREF_TRAIN = os.path.join(ROOT, "data", "preference", "train.jsonl")
-HH_SAMPLE = os.path.join(ROOT, "data", "formats", "hh_sample.jsonl")
-JUDGED_SAMPLE = os.path.join(ROOT, "data", "formats", "judged_rollouts.jsonl")
 
 
 # ---- imports stay light ------------------------------------------------------

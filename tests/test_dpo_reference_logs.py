@@ -8,17 +8,11 @@ import re
 
 import numpy as np
 
+from helpers import REFERENCE_MARGIN_STREAM
 from opensloth.dpo.controller import DynamicBetaConfig, DynamicBetaController
 from opensloth.dpo.reference_logs import MARGINS_LOG, RISK_FAIL_LOG, RISK_LOG, ReferenceLogWriter
 
-# Section 2.6 of the reference study: five batches of eight margins, exact in float32.
-STREAM = [
-    [0.0, 0.5, -0.25, 1.0, 0.125, -0.5, 0.75, 0.25],
-    [0.375, -0.125, 1.5, 0.0, 0.625, -0.75, 0.25, 2.0],
-    [1.25, 0.5, 3.0, -0.25, 0.875, 2.5, 0.0, 1.75],
-    [-1.0, -0.5, 0.0, 0.25, -0.25, 0.125, -0.125, 0.5],
-    [0.5, 0.25, 2.25, 1.0, 0.75, 0.0, 1.5, 0.25],
-]
+STREAM = REFERENCE_MARGIN_STREAM
 # The regular expression of dynamic-dpo-v1's fail_rate_from_running_logs notebook.
 FAIL = re.compile(r"""['"]risk/fail['"]\s*[:=]\s*(-?\d+(?:\.\d+)?)""")
 

@@ -21,16 +21,11 @@ import math
 import numpy as np
 import pytest
 
+from helpers import REFERENCE_MARGIN_STREAM
 from opensloth.dpo.controller import DynamicBetaConfig
 from opensloth.dpo.timing import replay
 
-STREAM = [
-    [0.0, 0.5, -0.25, 1.0, 0.125, -0.5, 0.75, 0.25],
-    [0.375, -0.125, 1.5, 0.0, 0.625, -0.75, 0.25, 2.0],
-    [1.25, 0.5, 3.0, -0.25, 0.875, 2.5, 0.0, 1.75],
-    [-1.0, -0.5, 0.0, 0.25, -0.25, 0.125, -0.125, 0.5],
-    [0.5, 0.25, 2.25, 1.0, 0.75, 0.0, 1.5, 0.25],
-]
+STREAM = REFERENCE_MARGIN_STREAM
 
 
 def _loss(margins, beta):

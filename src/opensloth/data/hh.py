@@ -220,12 +220,7 @@ def build_hh_dataset(ds, as_messages: bool = False, name: str = "hh", source: st
         load_from_cache_file=False,
         desc=f"Splitting {name} transcripts",
     )
-    report = DropReport(name=name)
-    reasons = converted["_opensloth_drop"]
-    report.total_in = len(reasons)
-    for position, reason in enumerate(reasons):
-        if reason:
-            report.drop(reason, position)
+    report = DropReport.from_reasons(name, converted["_opensloth_drop"])
     for notes in converted["_opensloth_notes"]:
         for what in filter(None, notes.split(",")):
             report.note(what)

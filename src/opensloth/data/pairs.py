@@ -129,12 +129,7 @@ def build_chat_pairs_dataset(ds, name: str = "chat pairs", source: str | None = 
     require_columns(ds.column_names, ["chosen", "rejected"], "chat-message pairs", source)
     converted = ds.map(_convert_chat_batch, batched=True, remove_columns=ds.column_names,
                        desc=f"Splitting {name} conversations")
-    report = DropReport(name=name)
-    reasons = converted["_opensloth_drop"]
-    report.total_in = len(reasons)
-    for position, reason in enumerate(reasons):
-        if reason:
-            report.drop(reason, position)
+    report = DropReport.from_reasons(name, converted["_opensloth_drop"])
     if report.total_dropped:
         converted = converted.filter(lambda r: [not x for x in r], input_columns=["_opensloth_drop"], batched=True)
     converted = converted.remove_columns(["_opensloth_drop"])

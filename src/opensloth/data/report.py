@@ -70,6 +70,15 @@ class DropReport:
     def total_out(self) -> int:
         return self.total_in - self.total_dropped
 
+    @classmethod
+    def from_reasons(cls, name: str, reasons) -> "DropReport":
+        """A report of ``len(reasons)`` records where a non-empty ``reasons[i]`` dropped record ``i``."""
+        report = cls(name=name, total_in=len(reasons))
+        for position, reason in enumerate(reasons):
+            if reason:
+                report.drop(reason, position)
+        return report
+
     def drop(self, reason: str, position: int | None = None) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if position is not None:

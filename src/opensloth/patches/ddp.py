@@ -190,7 +190,7 @@ def patch_training_args_cpu_ddp() -> bool:
     """
     from transformers import TrainingArguments
 
-    original = require_attr(TrainingArguments, "__post_init__", CPU_DDP_PATCH, CPU_DDP_WRITTEN_FOR)
+    require_attr(TrainingArguments, "__post_init__", CPU_DDP_PATCH, CPU_DDP_WRITTEN_FOR)
     if not hasattr(TrainingArguments, "use_cpu") and "use_cpu" not in getattr(
         TrainingArguments, "__dataclass_fields__", {}
     ):
@@ -198,7 +198,6 @@ def patch_training_args_cpu_ddp() -> bool:
             f"opensloth patch '{CPU_DDP_PATCH}' (written for {CPU_DDP_WRITTEN_FOR}): TrainingArguments has no "
             "`use_cpu` field in the installed transformers; pin transformers<=5.17.0"
         )
-    del original
     return swap_method(
         TrainingArguments,
         "__post_init__",

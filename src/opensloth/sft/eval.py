@@ -29,10 +29,9 @@ from opensloth.distributed import DistEnv, all_gather_object_list, distributed_e
 from opensloth.errors import UserInputError
 from opensloth.tasks import TASK_KINDS, check_answer, detect_kind
 
-__all__ = ["HeldoutResult", "evaluate_heldout", "exact_match_prompts", "greedy_replies", "heldout_loss_sums",
+__all__ = ["evaluate_heldout", "exact_match_prompts", "greedy_replies", "heldout_loss_sums",
            "read_heldout_records"]
 
-HeldoutResult = dict  # see evaluate_heldout
 
 
 def read_heldout_records(dataset_path: str, split: str = "test") -> list[dict]:
@@ -163,7 +162,7 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], *, batch_size: i
 
 def evaluate_heldout(model, tokenizer, dataset_path: str, *, n_loss: int | None = 200, n_exact: int = 48,
                      task: str | None = None, split: str = "test", batch_size: int = 8, max_length: int = 1024,
-                     max_new_tokens: int = 128, env: DistEnv | None = None) -> HeldoutResult:
+                     max_new_tokens: int = 128, env: DistEnv | None = None) -> dict:
     """Held-out loss and greedy exact-match of ``model`` on a chat test split.
 
     Args:
