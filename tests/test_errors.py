@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import pytest
 
+import opensloth.errors as errors
 from opensloth.errors import PatchTargetError, ReportedError, UserInputError, run_cli, same_on_every_rank
 
 
@@ -49,11 +51,14 @@ def test_under_torchrun_rank0_prints_shared_errors_and_each_rank_its_own(capsys,
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    waits = []
+    monkeypatch.setattr(errors, "_outlive_rank0", lambda: waits.append(os.environ["RANK"]))
     shared = UserInputError("--learning_rate -1 must be > 0")
     shared.every_rank = True
     monkeypatch.setenv("RANK", "1")
     assert run_cli(_raise(shared)) == 2
     assert _lines(capsys) == [] and not error_file.exists()  # quiet: rank 0 prints the same line
+    assert waits == ["1"]  # and it outlives rank 0, so torchrun names rank 0's failure as the root cause
     assert run_cli(_raise(UserInputError("only here"))) == 2
     assert _lines(capsys) == ["error (rank 1): only here"]
     monkeypatch.setenv("RANK", "0")
@@ -61,6 +66,21 @@ def test_under_torchrun_rank0_prints_shared_errors_and_each_rank_its_own(capsys,
     assert _lines(capsys) == ["error: --learning_rate -1 must be > 0"]
     payload = json.loads(error_file.read_text())["message"]  # what torchrun shows as the root cause
     assert payload["extraInfo"]["py_callstack"] == "error: --learning_rate -1 must be > 0"
+    assert waits == ["1"]  # ranks that print do not wait
+
+
+def test_a_quiet_rank_waits_only_under_a_launcher(monkeypatch):
+    for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    naps = []
+    monkeypatch.setattr(errors.time, "sleep", naps.append)
+    errors._outlive_rank0(grace_s=3600)  # no launcher: returns at once, without a nap
+    assert naps == []
+    clock = iter(range(0, 100))
+    monkeypatch.setattr(errors.time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    errors._outlive_rank0(grace_s=3)  # under torchrun: naps until the launcher ends it or the bound passes
+    assert naps and all(0 < n <= 0.5 for n in naps) and len(naps) == 2
 
 
 def test_same_on_every_rank_marks_reported_errors_only():

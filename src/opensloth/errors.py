@@ -10,8 +10,9 @@ Every entry point ends in ``sys.exit(run_cli(main))``. What a user then sees:
   fixes) or 1 (a run that failed); no traceback;
 - under ``torchrun``, an error that every rank raised for the same reason
   (:attr:`ReportedError.every_rank`: settings, the shared pre-flight verdict)
-  is printed by global rank 0 only; the other ranks exit with the same code
-  and print nothing. An error of one rank is printed by that rank, tagged
+  is printed by global rank 0 only; the other ranks print nothing and wait
+  (up to a minute) for torchrun to end them once rank 0 has failed, so the
+  failure torchrun observes first, and names as the root cause, is rank 0's. An error of one rank is printed by that rank, tagged
   ``error (rank N):``. The printing rank also writes the line into torchrun's
   error file (``TORCHELASTIC_ERROR_FILE``), so torchrun's own failure summary
   shows it as the root cause instead of "To enable traceback see ...";
@@ -49,6 +50,7 @@ DEBUG_FLAG = "--debug"
 EXIT_USER = 2  # the input (flags, files, environment, free space) must change
 EXIT_FAILED = 1  # the run failed for another reason the message names
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+QUIET_RANK_GRACE_S = 60.0  # how long a quiet rank waits for its launcher to end it
 
 
 class ReportedError(Exception):
@@ -127,10 +129,28 @@ def _torchelastic_error_file(line: str, callstack: str) -> None:
             json.dump(payload, fh)
 
 
+def _outlive_rank0(grace_s: float | None = None) -> None:
+    """Under a torchelastic launcher, wait to be ended instead of exiting first.
+
+    torchrun sends SIGTERM to every other rank as soon as it sees one fail,
+    and reports the first failure it saw as the root cause. A quiet rank that
+    exited first would be that root cause (with nothing to show), and rank 0
+    could be killed before it printed the line. So the quiet rank waits; rank 0
+    fails within moments (every rank raised the same error), the launcher ends
+    this one, and the bound only matters if rank 0 never fails.
+    """
+    if not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("TORCHELASTIC_ERROR_FILE")):
+        return  # no launcher watches this process: nothing will end it
+    deadline = time.monotonic() + (QUIET_RANK_GRACE_S if grace_s is None else grace_s)
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))  # not synchronisation: the launcher's SIGTERM ends the wait
+
+
 def _report(exc: BaseException, message: str, exit_code: int, every_rank: bool, debug: bool) -> int:
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     if every_rank and rank != 0 and not debug:
-        return exit_code  # rank 0 prints the same line
+        _outlive_rank0()  # rank 0 prints the same line
+        return exit_code
     stack = "".join(traceback.format_exception(exc)) if debug else ""
     if stack:
         print(stack, end="", file=sys.stderr, flush=True)
