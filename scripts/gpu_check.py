@@ -481,6 +481,7 @@ def start_two_ranks(args, work: str, timeout: float) -> list[Proc]:
         "--max_steps", str(args.two_ranks_steps), "--global_batch_size", "8", "--learning_rate",
         str(args.two_ranks_lr), "--dtype", "bfloat16", "--logging_steps", "1", "--output_dir",
         os.path.join(work, "ranks"), "--experiment_name", "ranks", "--max_seq_length", "512", "--seed", "3407",
+        "--heldout_samples", "0", "--heldout_exact", "0",  # compares losses; the held-out report is the main job's
     ]
     one = Proc("two_ranks/1rank", [sys.executable, *base, "--cache_dir", os.path.join(work, "ranks_cache_1")],
                child_env(args.dry_run, UNSLOTH_COMPILE_LOCATION=os.path.join(work, "compiled_cache_1rank")),

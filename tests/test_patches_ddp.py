@@ -93,7 +93,7 @@ def test_loss_scaling_patch_fixes_inplace_view_error():
 def test_cpu_ddp_patch_sets_use_cpu():
     """On a CUDA-less machine stock TrainingArguments stays non-distributed (use_cpu False); the patch fixes it.
 
-    Checked in fresh processes: once Unsloth is imported (other tests do, in this process) its CPU fallback
+    Checked in a fresh process: once Unsloth is imported (other tests do, in this process) its CPU fallback
     wraps ``__post_init__`` and sets ``use_cpu`` itself, so the stock behaviour is only visible without it.
     """
     import subprocess
@@ -106,17 +106,14 @@ def test_cpu_ddp_patch_sets_use_cpu():
 
     patch_training_args_cpu_ddp()
     assert TrainingArguments(output_dir="unused", report_to=[]).use_cpu is True
-    probe = ("import sys\nfrom transformers import TrainingArguments\n"
-             "if sys.argv[1] == 'patched':\n"
-             "    from opensloth.patches.ddp import patch_training_args_cpu_ddp\n"
-             "    patch_training_args_cpu_ddp()\n"
-             "print('use_cpu', TrainingArguments(output_dir='unused', report_to=[]).use_cpu)\n")
-    seen = {}
-    for mode in ("stock", "patched"):
-        out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=300,
-                             env=clean_env())
-        assert out.returncode == 0, out.stderr[-2000:]
-        seen[mode] = out.stdout.split()[-1]
+    probe = ("from transformers import TrainingArguments\n"
+             "print('stock', TrainingArguments(output_dir='unused', report_to=[]).use_cpu)\n"
+             "from opensloth.patches.ddp import patch_training_args_cpu_ddp\n"
+             "patch_training_args_cpu_ddp()\n"
+             "print('patched', TrainingArguments(output_dir='unused', report_to=[]).use_cpu)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=clean_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = dict(line.split() for line in out.stdout.splitlines() if line.startswith(("stock ", "patched ")))
     assert seen == {"stock": "False", "patched": "True"}
 
 
