@@ -106,6 +106,17 @@ def run_child(mode: str, args) -> dict:
         dbt.DynamicBetaRuntime.end_step = timed(dbt.DynamicBetaRuntime.end_step)
         dbt.attach_dynamic_beta(trainer, dynamic)
 
+    # Tokens each step trains on (chosen and rejected rows, prompt included): stock TRL drops the pairs whose
+    # prompt alone fills max_length and cuts completions, so its steps see other pairs than opensloth's.
+    batch_tokens = []
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        batch_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
     starts = []  # (wall, process CPU) at each optimizer-step start, and at the end
 
     class StepClock(TrainerCallback):
@@ -123,6 +134,7 @@ def run_child(mode: str, args) -> dict:
     trainer.train()
     steps = [b[0] - a[0] for a, b in zip(starts, starts[1:])][args.skip:]
     cpu_steps = [b[1] - a[1] for a, b in zip(starts, starts[1:])][args.skip:]
+    tokens = batch_tokens[args.skip:args.skip + len(steps)]  # one batch per step (grad_accum 1); ignores prefetch
     params = parameter_report(trainer)
     return {
         "mode": mode,
@@ -131,6 +143,9 @@ def run_child(mode: str, args) -> dict:
         "step_times": steps,
         "median_step_s": statistics.median(steps),
         "median_cpu_step_s": statistics.median(cpu_steps),
+        "tokens_per_step": statistics.mean(tokens),
+        "ms_per_1k_tokens": 1e6 * sum(steps) / sum(tokens),
+        "pairs_after_drops": len(trainer.train_dataset),
         "own_ms_per_step": 1000 * own["seconds"] / max(len(steps), 1) if mode == "dynamic" else None,
         "own_cpu_ms_per_step": 1000 * own["cpu_seconds"] / max(len(steps), 1) if mode == "dynamic" else None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -147,7 +162,11 @@ def table(results: dict[str, list[dict]], args) -> str:
     cpu = {m: statistics.median(r["median_cpu_step_s"] for r in rs) for m, rs in results.items()}
     rss = {m: max(r["peak_rss_mib"] for r in rs) for m, rs in results.items()}
     first = {m: rs[0] for m, rs in results.items()}
+    tok = {m: statistics.median(r["tokens_per_step"] for r in rs) for m, rs in results.items()}
+    per_k = {m: statistics.median(r["ms_per_1k_tokens"] for r in rs) for m, rs in results.items()}
     own = statistics.median(r["own_ms_per_step"] for r in results["dynamic"])
+    spread = max((max(r["median_step_s"] for r in rs) / min(r["median_step_s"] for r in rs) - 1) * 100
+                 for rs in results.values())
     own_cpu = statistics.median(r["own_cpu_ms_per_step"] for r in results["dynamic"])
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch CPU; backend `{first['fixed']['backend']}`, "
@@ -157,17 +176,20 @@ def table(results: dict[str, list[dict]], args) -> str:
         f"{args.steps} measured steps after {args.skip} skipped, {args.repeats} alternating repeats per mode "
         f"(medians of medians). Written by `python scripts/bench_dpo.py` on {time.strftime('%Y-%m-%d')}.",
         "",
-        "| mode | median step, wall (s) | vs fixed | median step, process CPU (s) | vs fixed | peak RSS (MiB) "
+        "| mode | pairs kept | tokens per step | wall per 1k tokens (ms) | vs fixed | median step, wall (s) "
+        "| vs fixed | median step, process CPU (s) | vs fixed | peak RSS (MiB) "
         "| base params | LoRA params | 'ref' adapter params | separate ref model params | distinct storages (elements) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         p = first[mode]["params"]
         rel = f"{(med[mode] / med['fixed'] - 1) * 100:+.1f}%"
         rel_cpu = f"{(cpu[mode] / cpu['fixed'] - 1) * 100:+.1f}%"
+        rel_tok = f"{(per_k[mode] / per_k['fixed'] - 1) * 100:+.1f}%"
         lines.append(
-            f"| {mode} | {med[mode]:.3f} | {rel} | {cpu[mode]:.3f} | {rel_cpu} | {rss[mode]:.0f} | {p['base']:,} | {p['lora_default']:,} | "
-            f"{p['lora_ref']:,} | {p['ref_model']:,} | {p['storage_elements']:,} |"
+            f"| {mode} | {first[mode]['pairs_after_drops']:,} of {args.pairs:,} | {tok[mode]:,.0f} | {per_k[mode]:.1f} "
+            f"| {rel_tok} | {med[mode]:.3f} | {rel} | {cpu[mode]:.3f} | {rel_cpu} | {rss[mode]:.0f} | {p['base']:,} "
+            f"| {p['lora_default']:,} | {p['lora_ref']:,} | {p['ref_model']:,} | {p['storage_elements']:,} |"
         )
     lines += [
         "",
@@ -175,7 +197,12 @@ def table(results: dict[str, list[dict]], args) -> str:
         f"JSONL and metrics), timed directly: **{own_cpu:.2f} ms of CPU per step = "
         f"{own_cpu / 1000 / cpu['fixed'] * 100:.2f}% of the fixed-beta step's CPU time** "
         f"({own:.2f} ms wall = {own / 1000 / med['fixed'] * 100:.2f}% of its wall time; target <= 2%). The `vs fixed` columns also carry the machine's background "
-        f"noise (other processes share these cores; process CPU time is less sensitive to it than wall time).",
+        f"noise: the same mode's median step differed by up to {spread:.0f}% between rounds of this run, so "
+        f"differences of that size between modes are not a measurement of the modes.",
+        "",
+        "Compare the modes per token, not per step: stock TRL (`max_length`, keep_start) drops the pairs whose "
+        "prompt alone fills max_seq_length and cuts completions, so it keeps fewer, shorter pairs and its steps "
+        "carry fewer tokens; opensloth cuts the prompt from the left and keeps the pair (`pairs kept`).",
         "",
         "`base params` counts the tied embedding / LM head twice (as `named_parameters` lists them); "
         "`distinct storages` counts every tensor storage once: the policy, the reference (adapter disabled) "

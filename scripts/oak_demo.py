@@ -79,9 +79,13 @@ What the numbers say:
   term on the chosen reply (RPO, as in iterative reasoning preference optimisation) keeps the chosen
   answers likely. The dynamic-beta controller supports the plain sigmoid loss only, so run (a) uses a
   fixed beta.
-- On 2 ranks (`--nproc 2`, measured once on the earlier base: 93 s in total) iteration 1 saw exactly
-  the same rollouts as on 1 rank (same pairs, same mean score: candidate seeds do not depend on the
-  world size); the DPO rounds then differ in the last digits (bf16, reduction order).
+- On 2 ranks (`python scripts/oak_demo.py --nproc 2`, re-measured on this base 2026-11-28: 74 s in
+  total, against 106 s on 1 rank) iteration 1 saw exactly the same rollouts as on 1 rank (415 pairs,
+  97 ties, rollout mean score 0.585: candidate seeds do not depend on the world size). The DPO rounds
+  then differ in the last digits (bf16, reduction order), and the rounds after them see slightly
+  different rollouts. Sampled accuracy per iteration, 2 ranks: (a) 0.606, 0.859, 0.965, 0.927;
+  (b) 0.606, 0.853, 0.868, 0.718 (1 rank: 0.859, 0.945, 0.924 and 0.854, 0.871, 0.726). Same shape:
+  (a) holds its gain, (b) loses it in round 3.
 
 What did not work (exploratory runs, transformers + PEFT backend, float32):
 
