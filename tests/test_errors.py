@@ -74,12 +74,13 @@ def test_a_quiet_rank_waits_only_under_a_launcher(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     naps = []
     monkeypatch.setattr(errors.time, "sleep", naps.append)
-    errors._outlive_rank0(grace_s=3600)  # no launcher: returns at once, without a nap
+    monkeypatch.setattr(errors, "QUIET_RANK_GRACE_S", 3)
+    errors._outlive_rank0()  # no launcher: returns at once, without a nap
     assert naps == []
     clock = iter(range(0, 100))
     monkeypatch.setattr(errors.time, "monotonic", lambda: next(clock))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
-    errors._outlive_rank0(grace_s=3)  # under torchrun: naps until the launcher ends it or the bound passes
+    errors._outlive_rank0()  # under torchrun: naps until the launcher ends it or the bound passes
     assert naps and all(0 < n <= 0.5 for n in naps) and len(naps) == 2
 
 

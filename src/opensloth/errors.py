@@ -12,8 +12,8 @@ Every entry point ends in ``sys.exit(run_cli(main))``. What a user then sees:
   (:attr:`ReportedError.every_rank`: settings, the shared pre-flight verdict)
   is printed by global rank 0 only; the other ranks print nothing and wait
   (up to a minute) for torchrun to end them once rank 0 has failed, so the
-  failure torchrun observes first, and names as the root cause, is rank 0's. An error of one rank is printed by that rank, tagged
-  ``error (rank N):``. The printing rank also writes the line into torchrun's
+  failure torchrun observes first, and names as the root cause, is rank 0's.
+  An error of one rank is printed by that rank, tagged ``error (rank N):``. The printing rank also writes the line into torchrun's
   error file (``TORCHELASTIC_ERROR_FILE``), so torchrun's own failure summary
   shows it as the root cause instead of "To enable traceback see ...";
 - ``--debug`` (any position on the command line) or ``OPENSLOTH_DEBUG=1`` adds
@@ -129,7 +129,7 @@ def _torchelastic_error_file(line: str, callstack: str) -> None:
             json.dump(payload, fh)
 
 
-def _outlive_rank0(grace_s: float | None = None) -> None:
+def _outlive_rank0() -> None:
     """Under a torchelastic launcher, wait to be ended instead of exiting first.
 
     torchrun sends SIGTERM to every other rank as soon as it sees one fail,
@@ -137,11 +137,12 @@ def _outlive_rank0(grace_s: float | None = None) -> None:
     exited first would be that root cause (with nothing to show), and rank 0
     could be killed before it printed the line. So the quiet rank waits; rank 0
     fails within moments (every rank raised the same error), the launcher ends
-    this one, and the bound only matters if rank 0 never fails.
+    this one, and the bound (:data:`QUIET_RANK_GRACE_S`) only matters if rank 0
+    never fails.
     """
     if not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("TORCHELASTIC_ERROR_FILE")):
         return  # no launcher watches this process: nothing will end it
-    deadline = time.monotonic() + (QUIET_RANK_GRACE_S if grace_s is None else grace_s)
+    deadline = time.monotonic() + QUIET_RANK_GRACE_S
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.5))  # not synchronisation: the launcher's SIGTERM ends the wait
 

@@ -33,7 +33,6 @@ __all__ = ["evaluate_heldout", "exact_match_prompts", "greedy_replies", "heldout
            "read_heldout_records"]
 
 
-
 def read_heldout_records(dataset_path: str, split: str = "test") -> list[dict]:
     """Chat records from ``dataset_path``: a JSONL file, or a folder holding ``<split>.jsonl``.
 
